@@ -1,0 +1,34 @@
+"""Parallelize hook of the hybrid model: torchtitan's llama3 one, plus what the mix needs.
+
+The hybrid keeps llama3's module names, so torchtitan's `parallelize_llama`
+(tensor parallel, activation checkpointing, per-block compile, FSDP2/HSDP, DDP,
+float8 through model converters) applies unchanged. Added here:
+- context parallel is refused while the model has linear layers (the op has no
+  CP implementation yet);
+- on a CPU-only machine, FSDP reduce-scatters use a plain sum: gloo has no
+  PREMUL_SUM, and torchtitan already sets the divide factor to 1, so the maths
+  is the same.
+"""
+
+import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
+from torchtitan.config import JobConfig
+from torchtitan.distributed import ParallelDims
+from torchtitan.models.llama3.infra.parallelize import parallelize_llama
+
+from .device import is_cpu_run
+
+
+def parallelize_mixed(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
+    linear_layers = getattr(model, "linear_layers", [])
+    if parallel_dims.cp_enabled and linear_layers:
+        raise ValueError(
+            f"parallelism.context_parallel_degree = {parallel_dims.cp} is not allowed: 1 when the "
+            f"model has linear-attention layers (here {linear_layers})"
+        )
+    model = parallelize_llama(model, parallel_dims, job_config)
+    if is_cpu_run():
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_force_sum_reduction_for_comms(True)
+    return model

@@ -1,0 +1,63 @@
+"""The hybrid llama3 train spec ("llama3_mixed"): flavors and TorchTitan builders."""
+
+from dataclasses import fields
+
+from torchtitan.components.loss import build_cross_entropy_loss
+from torchtitan.components.lr_scheduler import build_lr_schedulers
+from torchtitan.components.optimizer import build_optimizers
+from torchtitan.components.validate import build_validator
+from torchtitan.distributed.pipeline_parallel import pipeline_llm
+from torchtitan.models.llama3 import llama3_args
+from torchtitan.protocols.train_spec import TrainSpec
+
+from titan_linear.data import build_dataloader, build_tokenizer
+from titan_linear.infra.parallelize import parallelize_mixed
+
+from .args import ConfigError, MixedModelArgs
+from .model import LinearAttention, LinearTransformerBlock, MixedTransformer
+
+NAME = "llama3_mixed"
+
+def _from_llama3(flavor: str) -> MixedModelArgs:
+    """A flavor of torchtitan's llama3 as hybrid args (every field taken from upstream)."""
+    src = llama3_args[flavor]
+    return MixedModelArgs(
+        **{f.name: getattr(src, f.name) for f in fields(src) if f.init and f.name != "_enforced"}
+    )
+
+
+# Llama 3.2 1B / 3B shapes (torchtitan 0.2.2 ships no 1B or 3B llama3 flavor).
+mixed_args = {
+    "debugmodel": _from_llama3("debugmodel"),
+    "1B": MixedModelArgs(
+        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5,
+        multiple_of=256, rope_theta=500000, vocab_size=128256,
+    ),
+    "3B": MixedModelArgs(
+        dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim_multiplier=1.0,
+        multiple_of=256, rope_theta=500000, vocab_size=128256,
+    ),
+    "8B": _from_llama3("8B"),
+    "70B": _from_llama3("70B"),
+}
+
+
+def get_train_spec() -> TrainSpec:
+    return TrainSpec(
+        model_cls=MixedTransformer,
+        model_args=mixed_args,
+        parallelize_fn=parallelize_mixed,
+        pipelining_fn=pipeline_llm,
+        build_optimizers_fn=build_optimizers,
+        build_lr_schedulers_fn=build_lr_schedulers,
+        build_dataloader_fn=build_dataloader,
+        build_tokenizer_fn=build_tokenizer,
+        build_loss_fn=build_cross_entropy_loss,
+        build_validator_fn=build_validator,
+    )
+
+
+__all__ = [
+    "NAME", "ConfigError", "MixedModelArgs", "MixedTransformer", "LinearAttention",
+    "LinearTransformerBlock", "mixed_args", "get_train_spec",
+]

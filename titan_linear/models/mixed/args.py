@@ -1,0 +1,131 @@
+"""Model arguments of the hybrid llama3: llama3's fields plus the layer mix."""
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+from torchtitan.config import JobConfig
+from torchtitan.models.llama3.model.args import TransformerModelArgs
+from torchtitan.tools.logging import logger
+
+from .placement import layer_map_string, linear_layer_ids, PLACEMENTS
+
+
+class ConfigError(ValueError):
+    """A bad setting in the job config; the message names the key, value and what is allowed."""
+
+
+def _bad(key: str, value, allowed: str) -> ConfigError:
+    return ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass
+class MixedModelArgs(TransformerModelArgs):
+    linear_attn_ratio: float = 0.0
+    linear_attn_layers: tuple[int, ...] = ()
+    linear_attn_placement: str = "uniform"
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def linear_layers(self) -> list[int]:
+        """Sorted indices of the linear-attention layers (the placement rule lives in placement.py)."""
+        return linear_layer_ids(
+            self.n_layers,
+            self.linear_attn_ratio,
+            self.linear_attn_placement,
+            list(self.linear_attn_layers),
+        )
+
+    @property
+    def layer_map(self) -> str:
+        return layer_map_string(self.n_layers, self.linear_layers)
+
+    def update_from_config(self, job_config: JobConfig, **kwargs) -> None:
+        """Apply the [model] keys of the job config; raise ConfigError on bad values.
+
+        Everything is validated before any field changes, so a failed call leaves
+        the flavor's arguments untouched.
+        """
+        m = job_config.model
+        shape = {}
+        for key in ("n_layers", "dim", "n_heads", "n_kv_heads", "vocab_size"):
+            value = getattr(m, key, 0)
+            if not _is_int(value) or value < 0:
+                raise _bad(f"model.{key}", value, "a positive integer, or 0 to keep the flavor's")
+            shape[key] = value or (getattr(self, key) if key != "n_kv_heads" else None)
+        n_layers, dim, n_heads = shape["n_layers"], shape["dim"], shape["n_heads"]
+        n_kv_heads = shape["n_kv_heads"] or self.n_kv_heads or n_heads
+        where = f"(flavor {m.flavor!r})"
+        if dim % n_heads:
+            raise _bad("model.n_heads", n_heads, f"a divisor of model.dim = {dim} {where}")
+        if (dim // n_heads) % 2:
+            raise _bad("model.n_heads", n_heads,
+                       f"a value giving an even head dim (dim {dim} / n_heads is odd; RoPE needs pairs) {where}")
+        if n_heads % n_kv_heads:
+            raise _bad("model.n_kv_heads", n_kv_heads, f"a divisor of model.n_heads = {n_heads} {where}")
+
+        ratio = getattr(m, "linear_attn_ratio", 0.0)
+        if not _is_number(ratio) or not math.isfinite(ratio) or not 0.0 <= ratio <= 1.0:
+            raise _bad("model.linear_attn_ratio", ratio, "a number in [0, 1]")
+        placement = getattr(m, "linear_attn_placement", "uniform")
+        if placement not in PLACEMENTS:
+            raise _bad("model.linear_attn_placement", placement, f"one of {', '.join(PLACEMENTS)}")
+        layers = list(getattr(m, "linear_attn_layers", []) or [])
+        for i in layers:
+            if not _is_int(i) or not 0 <= i < n_layers:
+                raise _bad("model.linear_attn_layers", layers,
+                           f"distinct integer layer indices in [0, {n_layers - 1}]; {i!r} is not")
+        if len(set(layers)) != len(layers):
+            dup = sorted({i for i in layers if layers.count(i) > 1})
+            raise _bad("model.linear_attn_layers", layers,
+                       f"distinct integer layer indices in [0, {n_layers - 1}]; repeated: {dup}")
+
+        ids = linear_layer_ids(n_layers, ratio, placement, layers)
+        cp = job_config.parallelism.context_parallel_degree
+        if ids and cp > 1:
+            raise _bad("parallelism.context_parallel_degree", cp,
+                       "1 when the model has linear-attention layers (context parallel "
+                       "for linear attention is not supported yet)")
+
+        if layers and ratio:
+            logger.warning(f"model.linear_attn_layers={layers} overrides model.linear_attn_ratio={ratio}")
+        self.n_layers, self.dim, self.n_heads, self.vocab_size = n_layers, dim, n_heads, shape["vocab_size"]
+        if shape["n_kv_heads"]:
+            self.n_kv_heads = shape["n_kv_heads"]
+        self.linear_attn_ratio = float(ratio)
+        self.linear_attn_layers = tuple(layers)
+        self.linear_attn_placement = placement
+        super().update_from_config(job_config, **kwargs)
+
+    def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
+        """Parameters and training FLOPs per token, linear layers counted as they are.
+
+        Dense part: 6 FLOPs per non-embedding parameter per token (fwd + bwd).
+        Softmax layer: 6 * n_heads * (2 * head_dim) * seq_len, torchtitan's convention.
+        Linear layer (recurrent form, per head and token): state update 2*dk*dv and
+        read-out 2*dk*dv multiply-adds in the forward, x3 for forward + backward.
+        """
+        nparams = sum(p.numel() for p in model.parameters())
+        nparams_emb = sum(
+            p.numel() for m in model.children() if isinstance(m, nn.Embedding) for p in m.parameters()
+        )
+        n_lin = len(self.linear_layers)
+        n_soft = self.n_layers - n_lin
+        hd = self.head_dim
+        flops = (
+            6 * (nparams - nparams_emb)
+            + 6 * n_soft * self.n_heads * 2 * hd * seq_len
+            + 12 * n_lin * self.n_heads * hd * hd
+        )
+        return nparams, flops

@@ -1,0 +1,137 @@
+"""MixedTransformer: llama3 where some layers use causal efficient attention.
+
+The linear layers are drop-ins for torchtitan's: `LinearAttention` subclasses
+`Attention` (same `wq/wk/wv/wo`, grouped-query heads, same `init_weights`) and
+`LinearTransformerBlock` subclasses `TransformerBlock`, so tensor-parallel plans,
+activation checkpointing, FSDP wrapping and checkpoints see the same module names.
+
+RoPE: linear layers do NOT apply rotary embeddings. The causal normalisation
+z_t = logcumsumexp(k_{<=t}) already makes the layer order-aware, and RoPE's
+property (q_t . k_s depends on t - s only) does not survive the per-feature
+softmaxes: rotating feature pairs before exponentiating them turns a relative
+phase into position-dependent feature weights. The softmax layers of the hybrid
+keep RoPE, as in hybrid models whose recurrent/linear layers carry no positional
+encoding (Jamba, Samba).
+"""
+
+import torch
+from torch import nn
+from torchtitan.models.llama3.model.model import Attention, Transformer, TransformerBlock
+from torchtitan.tools.logging import logger
+
+from titan_linear.ops.efficient_attn import efficient_attention
+
+from .args import MixedModelArgs
+
+
+class EfficientAttentionCore(nn.Module):
+    """Parameter-free module around the attention op, in the place of torchtitan's
+    `inner_attention`, so hooks that look for it (CP, AC) find a module there."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return efficient_attention(q, k, v)
+
+
+class LinearAttention(Attention):
+    """Causal efficient attention with llama3's projections (no RoPE, see module docstring).
+
+    Args:
+        model_args: the hybrid model's arguments (heads, kv heads, dim).
+    """
+
+    def __init__(self, model_args: MixedModelArgs):
+        super().__init__(model_args)
+        self.inner_attention = EfficientAttentionCore()
+
+    def forward(self, x, freqs_cis, attention_masks, positions=None):
+        bs, seqlen, _ = x.shape
+        # -1 heads: tensor parallel may have sharded the projections (local heads).
+        xq = self.wq(x).view(bs, seqlen, -1, self.head_dim).transpose(1, 2)
+        xk = self.wk(x).view(bs, seqlen, -1, self.head_dim).transpose(1, 2)
+        xv = self.wv(x).view(bs, seqlen, -1, self.head_dim).transpose(1, 2)
+        out = self.inner_attention(xq, xk, xv)  # (bs, n_local_heads, seqlen, head_dim)
+        out = out.transpose(1, 2).contiguous().view(bs, seqlen, -1)
+        return self.wo(out)
+
+
+class LinearTransformerBlock(TransformerBlock):
+    """llama3's block with `LinearAttention` in place of `Attention`."""
+
+    def __init__(self, layer_id: int, model_args: MixedModelArgs):
+        super().__init__(layer_id, model_args)
+        self.attention = LinearAttention(model_args)
+
+
+class MixedTransformer(Transformer):
+    """llama3 `Transformer` whose layers in `model_args.linear_layers` are linear.
+
+    With no linear layers it is stock llama3: same parameters, same initialisation
+    order, same outputs. The layer map is kept as a persistent buffer
+    `linear_layer_map` (1 = linear) so that it is saved with every checkpoint;
+    loading a checkpoint whose map differs raises an error naming both maps.
+    """
+
+    def __init__(self, model_args: MixedModelArgs):
+        super().__init__(model_args)
+        self.linear_layers = model_args.linear_layers
+        for i in self.linear_layers:
+            self.layers[str(i)] = LinearTransformerBlock(i, model_args)
+        self.register_buffer("linear_layer_map", self._layer_map_tensor(), persistent=True)
+        self._register_load_state_dict_pre_hook(self._check_layer_map)
+        logger.info(self.describe())
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters by component: embeddings, softmax attention, linear attention, ffn, norms, output."""
+        counts = dict.fromkeys(
+            ("embeddings", "softmax_attention", "linear_attention", "feed_forward", "norms", "output"), 0
+        )
+        for name, p in self.named_parameters():
+            if name.startswith("tok_embeddings"):
+                key = "embeddings"
+            elif name.startswith("output"):
+                key = "output"
+            elif ".attention." in name:
+                layer = int(name.split(".")[1])
+                key = "linear_attention" if layer in self.linear_layers else "softmax_attention"
+            elif ".feed_forward." in name:
+                key = "feed_forward"
+            else:
+                key = "norms"
+            counts[key] += p.numel()
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def describe(self) -> str:
+        """The start-up summary: layer map and parameter counts."""
+        n = self.model_args.n_layers
+        counts = self.parameter_counts()
+        parts = ", ".join(f"{k} {v:,}" for k, v in counts.items())
+        return (
+            f"titan_linear layer map {self.model_args.layer_map} (L = linear, S = softmax): "
+            f"{len(self.linear_layers)}/{n} linear, layers {self.linear_layers}; parameters: {parts}"
+        )
+
+    def _layer_map_tensor(self) -> torch.Tensor:
+        m = torch.zeros(self.model_args.n_layers, dtype=torch.int8)
+        m[self.linear_layers] = 1
+        return m
+
+    def init_weights(self, buffer_device: torch.device | None = None):
+        super().init_weights(buffer_device=buffer_device)
+        device = buffer_device or self.freqs_cis.device
+        self.linear_layer_map = self._layer_map_tensor().to(device)
+
+    def _check_layer_map(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "linear_layer_map"
+        if key not in state_dict:
+            return
+        saved = state_dict[key]
+        saved = saved.full_tensor() if hasattr(saved, "full_tensor") else saved
+        saved_map = "".join("L" if int(x) else "S" for x in saved.cpu().tolist())
+        own_map = self.model_args.layer_map
+        if saved_map != own_map:
+            raise ValueError(
+                f"checkpoint layer map {saved_map} does not match this model's layer map "
+                f"{own_map} (L = linear, S = softmax): resume with the same "
+                "model.linear_attn_ratio / linear_attn_layers / linear_attn_placement"
+            )
