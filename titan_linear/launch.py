@@ -108,10 +108,32 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
-    from torchtitan.train import main as torchtitan_main, Trainer
+    return _train(job_config)
 
-    sys.argv = [sys.argv[0], *rest]
-    torchtitan_main(Trainer)
+
+def _train(job_config) -> int:
+    """TorchTitan's own Trainer on an already parsed config (what `torchtitan.train.main` does,
+    minus re-parsing sys.argv, whose default torchtitan binds at import time)."""
+    import os
+
+    import torch
+    from torchtitan.tools.logging import init_logger
+    from torchtitan.train import Trainer
+
+    init_logger()
+    trainer = None
+    try:
+        trainer = Trainer(job_config)
+        if job_config.checkpoint.create_seed_checkpoint:
+            assert int(os.environ["WORLD_SIZE"]) == 1, "create a seed checkpoint on one process"
+            trainer.checkpointer.save(curr_step=0, last_step=True)
+        else:
+            trainer.train()
+    finally:
+        if trainer is not None:
+            trainer.close()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 
