@@ -1,0 +1,97 @@
+"""End-to-end training throughput and memory of shipped configs, through run_train.sh.
+
+Runs each (config, seq_len) for a few steps with TorchTitan's real loop (compile and
+AC as the config sets them, or as overridden), reads the logged tokens/s, MFU and
+peak reserved memory of the steps after warm-up, and appends rows to a JSON file:
+
+    python benchmarks/e2e_train.py --configs llama3_1b llama3_1b_linear_0.50 \
+        --seq-lens 2048:4 8192:1 --steps 30 --out benchmarks/results/e2e_h100.json
+
+`--seq-lens` takes seq_len:local_batch_size pairs. Data: the packaged text and
+tokenizer (token ids < 2048 are valid inputs of any vocabulary), so it runs offline.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP_RE = re.compile(
+    r"step:\s*(\d+)\s+loss:\s*([\d.]+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+).*?mfu:\s*([\d.]+)%"
+)
+
+
+def parse_steps(log: str) -> list[dict]:
+    rows = []
+    for m in STEP_RE.finditer(log):
+        rows.append({
+            "step": int(m.group(1)), "loss": float(m.group(2)), "peak_gib": float(m.group(3)),
+            "tps": float(m.group(4).replace(",", "")), "mfu": float(m.group(5)),
+        })
+    return rows
+
+
+def run_one(config: str, seq_len: int, batch: int, steps: int, extra: list[str], log_dir: str) -> dict:
+    dump = os.path.join(log_dir, f"{config}_{seq_len}")
+    cmd = [
+        os.path.join(ROOT, "run_train.sh"), "--config", os.path.join(ROOT, "train_configs", f"{config}.toml"),
+        "--training.steps", str(steps), "--training.seq_len", str(seq_len),
+        "--training.local_batch_size", str(batch), "--training.dataset", "tinyshakespeare",
+        "--model.hf_assets_path", os.path.join(ROOT, "titan_linear", "assets", "tokenizer"),
+        "--metrics.log_freq", "5", "--metrics.disable_color_printing", "--metrics.no-enable-tensorboard",
+        "--checkpoint.no-enable", "--job.dump_folder", dump, *extra,
+    ]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
+    wall = time.time() - t0
+    log = proc.stdout + proc.stderr
+    with open(os.path.join(log_dir, f"{config}_{seq_len}.log"), "w") as f:
+        f.write(log)
+    steps_logged = parse_steps(log)
+    # Skip the first logged windows: compilation and allocator warm-up.
+    steady = [r for r in steps_logged if r["step"] > min(10, steps // 2)]
+    row = {"config": config, "seq_len": seq_len, "local_batch_size": batch, "steps": steps,
+           "extra_args": " ".join(extra), "returncode": proc.returncode, "wall_s": round(wall, 1)}
+    if proc.returncode != 0 or not steady:
+        row["error"] = log.strip().splitlines()[-5:] if log.strip() else ["no output"]
+        return row
+    row.update({
+        "tokens_per_s": round(sum(r["tps"] for r in steady) / len(steady)),
+        "mfu": round(sum(r["mfu"] for r in steady) / len(steady), 2),
+        "peak_gib": max(r["peak_gib"] for r in steps_logged),
+        "final_loss": steps_logged[-1]["loss"],
+    })
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", required=True)
+    ap.add_argument("--seq-lens", nargs="+", default=["2048:4", "8192:1"])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--log-dir", default=os.path.join(ROOT, "outputs", "bench_e2e"))
+    ap.add_argument("--device", default="", help="device name recorded in each row")
+    ap.add_argument("extra", nargs=argparse.REMAINDER, help="torchtitan overrides after --")
+    a = ap.parse_args()
+    extra = [x for x in a.extra if x != "--"]
+    os.makedirs(a.log_dir, exist_ok=True)
+    rows = json.load(open(a.out)) if os.path.exists(a.out) else []
+    for pair in a.seq_lens:
+        seq_len, batch = (int(x) for x in pair.split(":"))
+        for config in a.configs:
+            row = run_one(config, seq_len, batch, a.steps, extra, a.log_dir)
+            row["device"] = a.device
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            with open(a.out, "w") as f:
+                json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
