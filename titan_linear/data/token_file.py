@@ -1,0 +1,142 @@
+"""Dataset `tokens`: a flat file of token ids, read through a memory map.
+
+The file is what nanoGPT's and CS336's `prepare.py` write (`data.bin`): the
+token ids of the whole corpus, one after the other, with no header.
+
+- `.bin`: raw ids; dtype uint16 when the tokenizer's vocab size is at most
+  65,536, else uint32 (the file size must be a multiple of it).
+- `.npy`: a 1-D integer numpy array (its header carries the dtype).
+
+Window `w` is `ids[w * seq_len : w * seq_len + seq_len + 1]`: input
+`window[:-1]`, label `window[1:]`, so consecutive windows share one token and
+every id but the first is a label once per epoch. Data-parallel rank `r` of
+`R` takes windows `r, r + R, r + 2R, ...`, each rank the same number
+(`n_windows // R`; the few left over are skipped), so ranks never overlap and
+none runs dry first. DataLoader workers split a rank's windows the same way.
+The position is one integer (`sample_idx`), saved by `state_dict()`, so a
+resumed run continues at the next window.
+"""
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.utils.data import IterableDataset, get_worker_info
+
+from titan_linear.data.sources import DataConfigError
+
+TOKEN_FILE_EXTENSIONS = (".bin", ".npy")
+# Ids checked against the vocab size when the file is opened (a cheap guard
+# against a uint32 file read as uint16, or a file made by another tokenizer).
+_IDS_CHECKED = 1 << 20
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The dtype of a `.bin` token file for this vocab size: uint16 up to 65,536, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+def open_token_file(path: str | None, vocab_size: int) -> np.ndarray:
+    """A read-only 1-D memory map of the ids in `path` (.bin or .npy).
+
+    Args:
+        path: the token file.
+        vocab_size: the tokenizer's vocab size; picks a `.bin` file's dtype and
+            bounds the ids.
+    """
+    allowed = "dataset 'tokens' reads a .bin file of raw token ids or a 1-D .npy array"
+    if not path:
+        raise DataConfigError("dataset_path", path, allowed)
+    if not os.path.isfile(path):
+        raise DataConfigError("dataset_path", path, f"no such file; {allowed}")
+    if path.endswith(".npy"):
+        ids = np.load(path, mmap_mode="r")
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            reason = f"holds a {ids.ndim}-D {ids.dtype} array; {allowed}"
+            raise DataConfigError("dataset_path", path, reason)
+    elif path.endswith(".bin"):
+        dtype = token_dtype(vocab_size)
+        if os.path.getsize(path) % dtype.itemsize:
+            reason = (
+                f"size {os.path.getsize(path)} B is not a multiple of {dtype.itemsize} B, "
+                f"the size of {dtype} ids used for a vocab of {vocab_size}"
+            )
+            raise DataConfigError("dataset_path", path, reason)
+        ids = np.memmap(path, dtype=dtype, mode="r")
+    else:
+        raise DataConfigError("dataset_path", path, f"wrong file extension; {allowed}")
+    head = ids[:_IDS_CHECKED]
+    if head.size and (int(head.max()) >= vocab_size or int(head.min()) < 0):
+        reason = (
+            f"holds ids outside [0, {vocab_size}), the tokenizer's vocab "
+            f"(ids {int(head.min())}..{int(head.max())} in the first {head.size}); "
+            f"was it written with another tokenizer or dtype ({ids.dtype})?"
+        )
+        raise DataConfigError("dataset_path", path, reason)
+    return ids
+
+
+class TokenFileDataset(IterableDataset, Stateful):
+    """Windows of `seq_len + 1` ids from a token file, as ({"input": x[:-1]}, x[1:]).
+
+    Args:
+        path: a .bin or .npy file of token ids.
+        vocab_size: the tokenizer's vocab size.
+        seq_len: tokens per input. Default: 2048.
+        dp_rank: this data-parallel rank. Default: 0.
+        dp_world_size: the data-parallel degree. Default: 1.
+        infinite: start again at the first window when the file is used up.
+            Default: False.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        vocab_size: int,
+        seq_len: int = 2048,
+        dp_rank: int = 0,
+        dp_world_size: int = 1,
+        infinite: bool = False,
+    ) -> None:
+        ids = open_token_file(path, vocab_size)
+        self.path = path
+        self.vocab_size = vocab_size
+        self.seq_len = seq_len
+        self.dp_rank = dp_rank
+        self.dp_world_size = dp_world_size
+        self.infinite = infinite
+        self.windows_per_rank = (len(ids) - 1) // seq_len // dp_world_size
+        if self.windows_per_rank == 0:
+            reason = (
+                f"holds {len(ids)} tokens, fewer than one window of seq_len + 1 = "
+                f"{seq_len + 1} for each of {dp_world_size} data-parallel ranks"
+            )
+            raise DataConfigError("dataset_path", path, reason)
+        # Windows this worker has yielded in the current pass over the file.
+        self._sample_idx = 0
+
+    def _window(self, ids: np.ndarray, j: int) -> torch.Tensor:
+        start = (self.dp_rank + self.dp_world_size * j) * self.seq_len
+        return torch.from_numpy(ids[start : start + self.seq_len + 1].astype(np.int64))
+
+    def __iter__(self):
+        # Opened here, not kept from __init__, so that workers never pickle the map.
+        ids = open_token_file(self.path, self.vocab_size)
+        worker = get_worker_info()
+        n_workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        while True:
+            while (j := worker_id + n_workers * self._sample_idx) < self.windows_per_rank:
+                x = self._window(ids, j)
+                self._sample_idx += 1
+                yield {"input": x[:-1]}, x[1:]
+            if not self.infinite:
+                return
+            self._sample_idx = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sample_idx": self._sample_idx}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._sample_idx = state_dict["sample_idx"]
