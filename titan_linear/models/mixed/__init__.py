@@ -5,12 +5,11 @@ from dataclasses import fields
 from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
-from torchtitan.components.validate import build_validator
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.models.llama3 import llama3_args
 from torchtitan.protocols.train_spec import TrainSpec
 
-from titan_linear.data import build_dataloader, build_tokenizer
+from titan_linear.data import build_dataloader, build_tokenizer, build_validator
 from titan_linear.infra.parallelize import parallelize_mixed
 
 from .args import ConfigError, MixedModelArgs

@@ -98,6 +98,12 @@ class MixedModelArgs(TransformerModelArgs):
                        "1 when the model has linear-attention layers (context parallel "
                        "for linear attention is not supported yet)")
 
+        val = job_config.validation
+        if val.enable and val.seq_len > job_config.training.seq_len:
+            raise _bad("validation.seq_len", val.seq_len,
+                       f"at most training.seq_len = {job_config.training.seq_len} (RoPE tables are "
+                       "sized to the training length)")
+
         if layers and ratio:
             logger.warning(f"model.linear_attn_layers={layers} overrides model.linear_attn_ratio={ratio}")
         self.n_layers, self.dim, self.n_heads, self.vocab_size = n_layers, dim, n_heads, shape["vocab_size"]
