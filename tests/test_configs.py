@@ -61,6 +61,7 @@ BAD = [
     (["--model.n_kv_heads", "3"], "model.n_kv_heads", "divisor of model.n_heads"),
     (["--parallelism.context_parallel_degree", "2"], "parallelism.context_parallel_degree", "linear"),
     (["--model.flavor", "9T"], "model.flavor", "debugmodel"),
+    (["--validation.enable", "--validation.seq_len", "512"], "validation.seq_len", "training.seq_len"),
 ]
 
 
