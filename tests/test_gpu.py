@@ -36,7 +36,11 @@ def test_efficient_attention_cuda_matches_reference(B, H, Hkv, T, D, dtype):
     assert out.dtype == dtype
     assert _rel(out, ref) < tol
     for g, r in zip(grads, ref_grads):
-        assert torch.isfinite(g).all() and _rel(g, r) < tol
+        assert torch.isfinite(g).all()
+        if r.norm() == 0:  # e.g. dq at T = 1: the output is v whatever q is
+            assert g.abs().max() < 1e-6
+        else:
+            assert _rel(g, r) < tol
 
 
 def test_efficient_attention_cuda_large_keys_finite():
