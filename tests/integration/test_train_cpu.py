@@ -1,0 +1,455 @@
+"""End-to-end training runs on the CPU through run_train.sh (and the stock torchtitan entry point).
+
+Every test launches real processes (torchrun, gloo) and parses what torchtitan logs.
+Settings are kept small (seq 64, batch 4) so the whole module runs in a few minutes
+on two cores. Run with `pytest -q tests/integration -m integration`.
+"""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+RUN_TRAIN = str(REPO / "run_train.sh")
+DEBUG_TOML = REPO / "train_configs" / "debug_model.toml"
+
+# Small, reproducible, quiet: what every training run here gets.
+SMALL = [
+    "--training.seq_len", "64",
+    "--training.local_batch_size", "4",
+    "--metrics.log_freq", "1",
+    "--metrics.disable_color_printing",
+    "--metrics.no-enable-tensorboard",
+    "--debug.seed", "42",
+    "--debug.deterministic",
+]
+
+RUN_TIMEOUT = 240  # seconds for one run; a hang fails the test instead of the suite
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# torchtitan's training line: "step:  3  loss:  7.94247  grad_norm:  1.3369 ..."
+# (the validation line, "validate step: 5  loss: ...", must not match).
+_STEP = re.compile(r"(?<!validate )\bstep:\s*(\d+)\s+loss:\s*([-+0-9.eE]+)\s+grad_norm:\s*([-+0-9.eE]+)")
+_VAL = re.compile(r"validate step:\s*(\d+)\s+loss:\s*([-+0-9.eE]+)")
+
+
+def _strip(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def _env(**extra) -> dict:
+    """The caller's environment minus anything that would steer torchrun, plus `extra`."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_ID", "NGPU",
+                     "LOG_RANK", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                     "TORCHELASTIC_RUN_ID", "TITAN_LINEAR_NO_CPU_SHIM")
+    }
+    env.update(PYTHON=sys.executable, NGPU="1", LOG_RANK="0", PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _run(args, env=None, timeout=RUN_TIMEOUT, merge=True) -> subprocess.CompletedProcess:
+    """Run run_train.sh (or any argv when args[0] is not an option) to completion."""
+    argv = args if args and not args[0].startswith("-") else [RUN_TRAIN, *args]
+    proc = subprocess.run(
+        argv,
+        cwd=REPO,
+        env=env or _env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge else subprocess.PIPE,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
+    proc.stdout = _strip(proc.stdout or "")
+    if not merge:
+        proc.stderr = _strip(proc.stderr or "")
+    return proc
+
+
+def _losses(log: str, rank: int | None = 0) -> dict[int, tuple[float, float]]:
+    """{step: (loss, grad_norm)} from the training lines of `rank` (None: any line)."""
+    out = {}
+    for line in log.splitlines():
+        if rank is not None and not line.startswith(f"[rank{rank}]:"):
+            continue
+        m = _STEP.search(line)
+        if m:
+            out[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
+    return out
+
+
+def _tail(text: str, n: int = 60) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ckpt_args(dump: Path, steps: int = 12, interval: int | None = None) -> list[str]:
+    args = [
+        *SMALL,
+        "--training.steps", str(steps),
+        "--job.dump_folder", str(dump),
+        "--checkpoint.enable",
+    ]
+    if interval is not None:
+        args += ["--checkpoint.interval", str(interval)]
+    return args
+
+
+# --------------------------------------------------------------------------------------
+# Run A: one process, 12 steps, checkpoint enabled. Shared by the resume and layer-map tests.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    dump = tmp_path_factory.mktemp("run_a") / "dump"
+    proc = _run(_ckpt_args(dump))
+    assert proc.returncode == 0, _tail(proc.stdout)
+    losses = _losses(proc.stdout)
+    assert sorted(losses) == list(range(1, 13)), _tail(proc.stdout)
+    # Saved only at the last step (interval 50 > 12 steps).
+    assert (dump / "checkpoint" / "step-12" / ".metadata").is_file()
+    return dump, losses, proc.stdout
+
+
+# --------------------------------------------------------------------------------------
+# 1. Two-rank FSDP
+# --------------------------------------------------------------------------------------
+
+
+def test_two_rank_fsdp_loss_falls(tmp_path):
+    dump = tmp_path / "dump"
+    proc = _run(
+        [*SMALL, "--training.steps", "14", "--parallelism.data_parallel_shard_degree", "-1",
+         "--job.dump_folder", str(dump)],
+        env=_env(NGPU=2),
+    )
+    log = proc.stdout
+    assert proc.returncode == 0, _tail(log)
+    assert "Applied FSDP to the model" in log, _tail(log)
+    assert "dp_shard=2" in log, _tail(log)
+    assert "global batch size 8" in log, _tail(log)  # 2 ranks x local batch 4
+    assert "layer map SLSLSL" in log, _tail(log)
+    assert re.search(r"\[rank0\]:.*titan_linear layer map SLSLSL .*layers \[1, 3, 5\]", log), _tail(log)
+
+    losses = _losses(log)
+    assert sorted(losses) == list(range(1, 15)), _tail(log)
+    values = [losses[s][0] for s in sorted(losses)]
+    assert all(v == v and 0 < v < 20 for v in values), values  # finite, plausible
+    first, last = sum(values[:3]) / 3, sum(values[-3:]) / 3
+    assert last < first - 0.5, f"loss did not fall: first3 {values[:3]} last3 {values[-3:]}"
+
+
+# --------------------------------------------------------------------------------------
+# 2. Kill after the step-6 checkpoint, resume, match the uninterrupted run
+# --------------------------------------------------------------------------------------
+
+
+def _descendants(pid: int) -> list[int]:
+    """All live descendants of `pid` (from /proc), children before grandchildren."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(0), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL run_train.sh's process group and every process under it.
+
+    torchrun starts each worker in a session (process group) of its own, so killing
+    the launcher's group alone would orphan the workers, which would train on. Stop
+    the whole tree first (so nothing moves or forks), then kill it."""
+    pids = [proc.pid, *_descendants(proc.pid)]
+    groups = set()
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
+    for pid in _descendants(proc.pid):  # anything forked before the stop landed
+        if pid not in pids:
+            pids.append(pid)
+            try:
+                groups.add(os.getpgid(pid))
+            except ProcessLookupError:
+                pass
+    groups.discard(os.getpgid(0))
+    for pgid in groups:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _run_until_checkpoint(args, dump: Path, step: int, timeout=RUN_TIMEOUT) -> tuple[str, list[int]]:
+    """Start run_train.sh in its own process group; SIGKILL it and all its workers as soon as
+    the checkpoint for `step` is complete. DCP writes step-N/.metadata last, by an atomic
+    rename, and torchtitan only resumes from a step-N folder that has it, so its presence
+    is the mark of a finished save. Returns the output up to the kill and the killed pids."""
+    proc = subprocess.Popen(
+        [RUN_TRAIN, *args],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group
+    )
+    lines: list[str] = []
+    t = threading.Thread(target=lambda: lines.extend(_strip(l) for l in proc.stdout), daemon=True)
+    t.start()
+    meta = dump / "checkpoint" / f"step-{step}" / ".metadata"
+    deadline = time.monotonic() + timeout
+    killed: list[int] = []
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if meta.is_file():
+                killed = [proc.pid, *_descendants(proc.pid)]
+                _kill_tree(proc)
+                break
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None and not killed:
+            _kill_tree(proc)
+        proc.wait(timeout=60)
+        t.join(timeout=30)
+    out = "".join(lines)
+    assert killed, f"run ended or timed out before the step-{step} checkpoint was saved:\n{_tail(out)}"
+    assert proc.returncode == -signal.SIGKILL, proc.returncode
+    return out, killed
+
+
+def test_resume_after_kill_matches_uninterrupted_run(run_a, tmp_path):
+    _, losses_a, _ = run_a
+    dump = tmp_path / "dump"
+    args = _ckpt_args(dump, interval=6)
+
+    first, killed = _run_until_checkpoint(args, dump, step=6)
+    assert len(killed) >= 2, killed  # torchrun (run_train.sh exec's it) and its worker
+    time.sleep(1)
+    for pid in killed:  # the kill was real: nothing of run B's first part lives on
+        assert not Path(f"/proc/{pid}").exists() or _zombie(pid), f"pid {pid} survived the kill"
+    # It never reached its end: no final checkpoint, no clean finish.
+    assert not (dump / "checkpoint" / "step-12").exists(), sorted(os.listdir(dump / "checkpoint"))
+    assert "Training completed" not in first
+    # What it logged before the kill agrees with run A.
+    for s, (loss, _) in _losses(first).items():
+        assert loss == pytest.approx(losses_a[s][0], rel=1e-5, abs=0), s
+
+    proc = _run(args)
+    log = proc.stdout
+    assert proc.returncode == 0, _tail(log)
+    assert re.search(r"Loading the checkpoint from \S*step-6\b", log), _tail(log)
+    assert "Finished loading the checkpoint" in log, _tail(log)
+    assert "Training starts at step 7" in log, _tail(log)
+    losses_b = _losses(log)
+    assert sorted(losses_b) == list(range(7, 13)), _tail(log)
+    for s in range(7, 13):
+        loss_b, gn_b = losses_b[s]
+        loss_a, gn_a = losses_a[s]
+        assert loss_b == pytest.approx(loss_a, rel=1e-5, abs=0), (s, loss_b, loss_a)
+        assert gn_b == pytest.approx(gn_a, rel=1e-4, abs=1e-4), (s, gn_b, gn_a)
+    assert (dump / "checkpoint" / "step-12" / ".metadata").is_file()
+
+
+# --------------------------------------------------------------------------------------
+# 3. Resuming into a different layer map fails
+# --------------------------------------------------------------------------------------
+
+
+def test_resume_with_other_layer_map_fails(run_a, tmp_path):
+    src, _, log_a = run_a
+    assert "layer map SLSLSL" in log_a
+    dump = tmp_path / "dump"
+    shutil.copytree(src, dump)
+    proc = _run([*_ckpt_args(dump, steps=14), "--model.linear_attn_ratio", "1.0"])
+    log = proc.stdout
+    assert proc.returncode != 0, _tail(log)
+    assert "layer map LLLLLL" in log, _tail(log)  # the check passed and the model was built
+    assert "SLSLSL" in log and "LLLLLL" in log, _tail(log)
+    # One error line names both maps: the checkpoint's and the model's.
+    assert re.search(r"checkpoint layer map SLSLSL\b.*\blayer map LLLLLL\b", log), _tail(log)
+    assert _losses(log) == {}, "trained on after a layer-map mismatch"
+
+
+# --------------------------------------------------------------------------------------
+# 4. Two nodes x one process on localhost
+# --------------------------------------------------------------------------------------
+
+
+def test_two_nodes_localhost(tmp_path):
+    port = _free_port()
+    dump = tmp_path / "dump"
+    args = [RUN_TRAIN, *SMALL, "--training.steps", "4", "--job.dump_folder", str(dump)]
+    procs, files = [], []
+    for node in (0, 1):
+        f = open(tmp_path / f"node{node}.log", "w+")
+        files.append(f)
+        env = _env(NNODES=2, NODE_RANK=node, MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                   NGPU=1, RDZV_ID=f"titan_linear_test_{port}")
+        procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+    try:
+        for p in procs:
+            p.wait(timeout=RUN_TIMEOUT)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    logs = []
+    for f in files:
+        f.seek(0)
+        logs.append(_strip(f.read()))
+        f.close()
+    for node, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"node {node}:\n{_tail(log)}"
+    # Each node shows its local rank 0 (LOG_RANK=0). With the c10d rendezvous torchrun
+    # ignores NODE_RANK ("node_rank is only used for static rdzv_backend") and hands out
+    # global ranks in join order, so either node may hold global rank 0; torchtitan logs
+    # the globally averaged loss on every rank, so both nodes must show the same numbers.
+    per_node = []
+    for node, log in enumerate(logs):
+        assert "dp_shard=2" in log, f"node {node}:\n{_tail(log)}"  # world size 2
+        assert "global batch size 8" in log, f"node {node}:\n{_tail(log)}"  # 2 x local batch 4
+        assert "Applied FSDP to the model" in log, f"node {node}:\n{_tail(log)}"
+        assert not re.search(r"^\[rank[1-9]\]:", log, re.M), f"node {node} shows another local rank"
+        losses = _losses(log, rank=0)
+        assert sorted(losses) == [1, 2, 3, 4], f"node {node}:\n{_tail(log)}"
+        per_node.append(losses)
+    for s in range(1, 5):
+        assert per_node[0][s][0] == pytest.approx(per_node[1][s][0], rel=1e-6), s
+        assert per_node[0][s][1] == pytest.approx(per_node[1][s][1], rel=1e-5), s
+
+
+# --------------------------------------------------------------------------------------
+# 5. Stock torchtitan entry point
+# --------------------------------------------------------------------------------------
+
+
+def test_stock_torchtitan_entry_point(tmp_path):
+    dump = tmp_path / "dump"
+    argv = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+        "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
+        "--local-ranks-filter", "0", "--role", "rank", "--tee", "3",
+        "-m", "torchtitan.train",
+        "--job.config_file", str(DEBUG_TOML),
+        "--training.steps", "3",
+        *SMALL,
+        "--job.dump_folder", str(dump),
+    ]
+    proc = _run(argv)
+    log = proc.stdout
+    assert proc.returncode == 0, _tail(log)
+    assert "titan_linear layer map SLSLSL" in log, _tail(log)
+    losses = _losses(log)
+    assert sorted(losses) == [1, 2, 3], _tail(log)
+
+
+# --------------------------------------------------------------------------------------
+# 6. Bad configs stop before torchrun
+# --------------------------------------------------------------------------------------
+
+
+def _bad_toml(tmp_path: Path) -> Path:
+    text = DEBUG_TOML.read_text()
+    new, n = re.subn(r"(?m)^linear_attn_ratio\s*=.*$", 'linear_attn_ratio = "abc"', text)
+    assert n == 1
+    path = tmp_path / "bad_ratio.toml"
+    path.write_text(new)
+    return path
+
+
+BAD = [
+    pytest.param(["--model.linear_attn_ratio", "1.5"], "linear_attn_ratio", "1.5", id="ratio-1.5"),
+    pytest.param(["--model.linear_attn_layers", "0", "0"], "linear_attn_layers", "0, 0", id="layers-dup"),
+    pytest.param(["--model.linear_attn_layers", "0", "99"], "linear_attn_layers", "99", id="layers-99"),
+    pytest.param(["--model.linear_attn_placement", "sideways"], "linear_attn_placement", "sideways",
+                 id="placement"),
+    pytest.param(["--model.n_heads", "7"], "n_heads", "7", id="n_heads-7"),
+    pytest.param(None, "linear_attn_ratio", "abc", id="toml-ratio-abc"),
+]
+
+
+@pytest.mark.parametrize("args, key, value", BAD)
+def test_bad_config_stops_before_torchrun(tmp_path, args, key, value):
+    dump = tmp_path / "dump"
+    prefix = ["--config", str(_bad_toml(tmp_path))] if args is None else []
+    proc = _run([*prefix, *(args or []), "--training.steps", "2", "--job.dump_folder", str(dump)],
+                timeout=120, merge=False)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert lines, proc.stdout
+    last = lines[-1]
+    assert key in last and value in last, f"last stderr line: {last!r}\nstderr:\n{proc.stderr}"
+    assert last.startswith("titan_linear: error:"), f"last stderr line: {last!r}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    # torchrun never started: no rank output, nothing written.
+    assert "[rank0]" not in proc.stdout + proc.stderr
+    assert not dump.exists()
+
+
+# --------------------------------------------------------------------------------------
+# 7. Validation
+# --------------------------------------------------------------------------------------
+
+
+def test_validation_loss_logged(tmp_path):
+    dump = tmp_path / "dump"
+    proc = _run([*SMALL, "--training.steps", "6", "--job.dump_folder", str(dump),
+                 "--validation.enable", "--validation.freq", "5", "--validation.steps", "2",
+                 "--validation.seq_len", "64"])
+    log = proc.stdout
+    assert proc.returncode == 0, _tail(log)
+    assert sorted(_losses(log)) == list(range(1, 7)), _tail(log)
+    vals = {int(m.group(1)): float(m.group(2)) for m in _VAL.finditer(log)}
+    assert 5 in vals, _tail(log)
+    assert 0 < vals[5] < 20, vals
