@@ -1,0 +1,74 @@
+"""The OELM llama3 train spec ("llama3_oelm"): flavors and TorchTitan builders.
+
+Flavors (SwiGLU FFN as in llama3: three d x h matrices where the seeds' GPT FFN has
+two, so FFN parameters are 1.5x the seeds' counts at the same hidden width h):
+- debugmodel: torchtitan's llama3 debug shape (6 layers, dim 256, 16 heads, vocab 2048).
+- medium512: seed 001's Medium-512, 6 layers, dim 512, 8 heads, FFN hidden 2048,
+  vocab 50257 (GPT-2); set `model.vocab_size = 2048` with the builtin tokenizer.
+- small / base / large: seed 000's 6/12/24 layers, 512/768/1024 wide, 8/12/16 heads,
+  FFN hidden 2048/3072/4096, vocab 32000.
+Hidden widths: llama3 takes int(2 * 4d / 3), times ffn_dim_multiplier 1.5, rounded up
+to multiple_of 256, which gives exactly 4d for these widths.
+"""
+
+from torchtitan.components.loss import build_cross_entropy_loss
+from torchtitan.distributed.pipeline_parallel import pipeline_llm
+from torchtitan.protocols.train_spec import TrainSpec
+
+from titan_linear.data import build_dataloader, build_tokenizer, build_validator
+from titan_linear.models.mixed import mixed_args
+from titan_linear.recipe import (
+    build_checked_loss_fn, build_grouped_optimizers, build_monitored_metrics_processor,
+    build_recipe_lr_schedulers,
+)
+
+from .args import FREEZE_MODES, OELMModelArgs
+from .model import OELMTransformer, orthogonal_weight
+from .parallelize import parallelize_oelm
+from .report import parameter_report
+
+NAME = "llama3_oelm"
+
+
+def _wide(dim: int, n_layers: int, n_heads: int, vocab_size: int) -> OELMModelArgs:
+    return OELMModelArgs(
+        dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=vocab_size,
+        ffn_dim_multiplier=1.5, multiple_of=256, rope_theta=10000, max_seq_len=512,
+    )
+
+
+def _debug() -> OELMModelArgs:
+    src = mixed_args["debugmodel"]
+    return OELMModelArgs(dim=src.dim, n_layers=src.n_layers, n_heads=src.n_heads,
+                         vocab_size=src.vocab_size, rope_theta=src.rope_theta)
+
+
+oelm_args = {
+    "debugmodel": _debug(),
+    "medium512": _wide(512, 6, 8, 50257),
+    "small": _wide(512, 6, 8, 32000),
+    "base": _wide(768, 12, 12, 32000),
+    "large": _wide(1024, 24, 16, 32000),
+}
+
+
+def get_train_spec() -> TrainSpec:
+    return TrainSpec(
+        model_cls=OELMTransformer,
+        model_args=oelm_args,
+        parallelize_fn=parallelize_oelm,
+        pipelining_fn=pipeline_llm,
+        build_optimizers_fn=build_grouped_optimizers,
+        build_lr_schedulers_fn=build_recipe_lr_schedulers,
+        build_dataloader_fn=build_dataloader,
+        build_tokenizer_fn=build_tokenizer,
+        build_loss_fn=build_checked_loss_fn(build_cross_entropy_loss),
+        build_validator_fn=build_validator,
+        build_metrics_processor_fn=build_monitored_metrics_processor,
+    )
+
+
+__all__ = [
+    "NAME", "FREEZE_MODES", "OELMModelArgs", "OELMTransformer", "oelm_args", "get_train_spec",
+    "orthogonal_weight", "parameter_report", "parallelize_oelm",
+]

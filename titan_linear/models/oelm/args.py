@@ -1,0 +1,67 @@
+"""Model arguments of the OELM llama: the hybrid's fields plus which projections are frozen."""
+
+import math
+from dataclasses import dataclass
+
+from torchtitan.config import JobConfig
+
+from titan_linear.models.mixed.args import _bad, _is_number, MixedModelArgs
+from titan_linear.models.mixed.placement import linear_layer_ids
+from titan_linear.recipe.schedules import check_schedule_config
+
+# oelm_freeze -> the attention projections (torchtitan's module names) that are fixed.
+FREEZE_MODES = {"qk": ("wq", "wk"), "kv": ("wk", "wv"), "none": ()}
+
+
+@dataclass
+class OELMModelArgs(MixedModelArgs):
+    """llama3 (optionally hybrid) whose chosen attention projections are frozen orthogonal.
+
+    Args:
+        oelm_freeze: "qk" (seed 001: W_q, W_k fixed), "kv" (seed 000: W_k, W_v fixed,
+            W_q learned) or "none" (the GPT baseline). Default "qk".
+        freeze_ratio: fraction of layers whose projections are frozen; round(ratio * n_layers)
+            layers spread uniformly through the depth by the same rule as the linear layers
+            (see models/mixed/placement.py). Default 1.0 (every layer).
+        oelm_seed: seed of the orthogonal matrices (the job's `debug.seed`, 0 when unset);
+            each (layer, projection) draws from its own generator, so the matrices do not
+            depend on the parallelism or on the initialisation order.
+    """
+
+    oelm_freeze: str = "qk"
+    freeze_ratio: float = 1.0
+    oelm_seed: int = 0
+
+    @property
+    def frozen_projections(self) -> tuple[str, ...]:
+        return FREEZE_MODES[self.oelm_freeze]
+
+    @property
+    def frozen_layers(self) -> list[int]:
+        """Sorted indices of the layers whose `frozen_projections` are fixed orthogonal."""
+        if not self.frozen_projections:
+            return []
+        return linear_layer_ids(self.n_layers, self.freeze_ratio, "uniform", [])
+
+    @property
+    def freeze_map(self) -> str:
+        """One letter per layer: F = frozen projections, T = all trainable."""
+        frozen = set(self.frozen_layers)
+        return "".join("F" if i in frozen else "T" for i in range(self.n_layers))
+
+    def update_from_config(self, job_config: JobConfig, **kwargs) -> None:
+        """Apply the [model] keys (the hybrid's and the OELM ones); raise ConfigError on bad values."""
+        m = job_config.model
+        mode = getattr(m, "oelm_freeze", "qk")
+        if mode not in FREEZE_MODES:
+            raise _bad("model.oelm_freeze", mode, f"one of {', '.join(FREEZE_MODES)}")
+        ratio = getattr(m, "freeze_ratio", 1.0)
+        if not _is_number(ratio) or not math.isfinite(ratio) or not 0.0 <= ratio <= 1.0:
+            raise _bad("model.freeze_ratio", ratio, "a number in [0, 1]")
+        # the recipe's [lr_scheduler] keys are checked here too, so `launch check` catches them
+        check_schedule_config(job_config.lr_scheduler, job_config.training.steps)
+        super().update_from_config(job_config, **kwargs)
+        self.oelm_freeze = mode
+        self.freeze_ratio = float(ratio)
+        seed = job_config.debug.seed
+        self.oelm_seed = 0 if seed is None else int(seed)

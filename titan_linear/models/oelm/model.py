@@ -1,0 +1,113 @@
+"""OELMTransformer: llama3 (optionally hybrid) with frozen random orthogonal attention projections.
+
+OELM (seed 001) fixes W_q and W_k; the orthogonal random attention of seed 000 fixes
+W_k and W_v and learns W_q. Which projections, and in which layers, is in the model
+args (`frozen_projections`, `frozen_layers`). The frozen weights are:
+- `requires_grad=False` from `__init__` on, so FSDP2 keeps no gradient for them (and
+  reduce-scatters none), the optimizer built after parallelize never sees them, and
+  they are saved and loaded with the model like every other weight;
+- Haar-random orthogonal, set in `init_weights` by `torch.nn.init.orthogonal_` (QR
+  of a Gaussian with sign correction, Mezzadri math-ph/0609050), gain 1. For grouped-
+  query shapes (n_kv_heads < n_heads) W_k and W_v are (n_kv_heads * head_dim) x dim:
+  semi-orthogonal with orthonormal rows, W Wᵀ = I.
+
+Each (layer, projection) draws from its own generator seeded from `oelm_seed`, so the
+matrices are the same on every rank, for every parallelism, and on resume.
+
+The frozen layers can also be linear-attention layers of the hybrid (linear_attn_ratio):
+LinearAttention keeps the same wq/wk/wv, so freezing means the same thing there.
+"""
+
+import torch
+from torch import nn
+from torch.distributed.tensor import distribute_tensor, DTensor
+from torchtitan.tools.logging import logger
+
+from titan_linear.models.mixed.model import MixedTransformer
+
+from .args import OELMModelArgs
+
+_PROJ = ("wq", "wk", "wv")
+
+
+def orthogonal_weight(shape: tuple[int, int], seed: int) -> torch.Tensor:
+    """A Haar-random (semi-)orthogonal float32 matrix of `shape`, reproducible from `seed`."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    w = torch.empty(shape, dtype=torch.float32)
+    torch.nn.init.orthogonal_(w, gain=1.0, generator=gen)
+    return w
+
+
+class OELMTransformer(MixedTransformer):
+    """MixedTransformer whose `frozen_projections` in `frozen_layers` are fixed orthogonal.
+
+    A persistent buffer `oelm_freeze_map` (n_layers x 3, 1 = frozen wq/wk/wv) goes into
+    every checkpoint; loading one whose map differs raises an error naming both.
+    """
+
+    def __init__(self, model_args: OELMModelArgs):
+        super().__init__(model_args)
+        self.frozen_layers = model_args.frozen_layers
+        self.frozen_projections = model_args.frozen_projections
+        for name in self.frozen_param_names():
+            self.get_parameter(name).requires_grad_(False)
+        self.register_buffer("oelm_freeze_map", self._freeze_map_tensor(), persistent=True)
+        self._register_load_state_dict_pre_hook(self._check_freeze_map)
+        logger.info(
+            f"titan_linear OELM freeze map {model_args.freeze_map} (F = {'/'.join(self.frozen_projections) or '-'} "
+            f"frozen orthogonal, T = trainable): {len(self.frozen_layers)}/{model_args.n_layers} layers"
+        )
+
+    def frozen_param_names(self) -> list[str]:
+        return [f"layers.{i}.attention.{p}.weight" for i in self.frozen_layers for p in self.frozen_projections]
+
+    def _freeze_map_tensor(self) -> torch.Tensor:
+        m = torch.zeros(self.model_args.n_layers, len(_PROJ), dtype=torch.int8)
+        for i in self.frozen_layers:
+            for p in self.frozen_projections:
+                m[i, _PROJ.index(p)] = 1
+        return m
+
+    def init_weights(self, buffer_device: torch.device | None = None):
+        super().init_weights(buffer_device=buffer_device)
+        device = buffer_device or self.freqs_cis.device
+        self.oelm_freeze_map = self._freeze_map_tensor().to(device)
+        seed = self.model_args.oelm_seed
+        with torch.no_grad():
+            for i in self.frozen_layers:
+                for p in self.frozen_projections:
+                    weight = self.get_parameter(f"layers.{i}.attention.{p}.weight")
+                    full = orthogonal_weight(tuple(weight.shape), seed * 1_000_003 + 8 * i + _PROJ.index(p))
+                    if isinstance(weight, DTensor):
+                        full = full.to(device=weight.device, dtype=weight.dtype)
+                        # identical on every rank, so each rank keeps its own shard (no traffic)
+                        local = distribute_tensor(full, weight.device_mesh, weight.placements, src_data_rank=None)
+                        weight.copy_(local)
+                    else:
+                        weight.copy_(full)
+
+    def _check_freeze_map(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "oelm_freeze_map"
+        if key not in state_dict:
+            return
+        saved = state_dict[key]
+        saved = saved.full_tensor() if hasattr(saved, "full_tensor") else saved
+        saved = saved.cpu()
+        own = self._freeze_map_tensor()
+        if saved.shape != own.shape or not torch.equal(saved.to(own.dtype), own):
+            raise ValueError(
+                f"checkpoint OELM freeze map {_map_str(saved)} does not match this model's {_map_str(own)} "
+                "(per layer, the frozen ones of q/k/v): resume with the same model.oelm_freeze and "
+                "model.freeze_ratio"
+            )
+
+
+def _map_str(m: torch.Tensor) -> str:
+    return "|".join("".join("qkv"[j] if int(row[j]) else "-" for j in range(len(row))) for row in m.tolist())
+
+
+def trainable_and_frozen(model: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts; DTensors count with their global size."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return trainable, frozen
