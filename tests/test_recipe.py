@@ -1,0 +1,158 @@
+"""The recipe: LR schedules against their formulas, AdamW groups, NaN/Inf loss stop, grad-norm warning."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torchtitan.config import LRScheduler as TTLRScheduler, Optimizer as TTOptimizer
+
+from titan_linear.recipe import build_checked_loss_fn, build_grouped_optimizers, build_recipe_lr_schedulers, no_decay
+from titan_linear.recipe.monitor import MonitoredMetricsProcessor, NonFiniteLossError
+
+
+def _lr_config(**kw):
+    cfg = TTLRScheduler()
+    extra = dict(schedule="torchtitan", min_lr_ratio=0.0, restart_interval=0, power=1.0)
+    extra.update(kw)
+    for k, v in extra.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _lrs(cfg, steps: int, base_lr: float = 1e-3) -> list[float]:
+    """The lr that each training step 1..steps uses, as torchtitan's loop reads it."""
+    model = nn.Linear(2, 2)
+    opt = build_grouped_optimizers([model], TTOptimizer(lr=base_lr, implementation="for-loop"), None)
+    sched = build_recipe_lr_schedulers(opt, cfg, steps)
+    out = []
+    for _ in range(steps):
+        out.append(sched.schedulers[0].get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_cosine_with_floor_matches_formula():
+    W, T, m, lr = 40, 1000, 0.1, 5e-4  # seed 000 Small, scaled down
+    lrs = _lrs(_lr_config(schedule="cosine", warmup_steps=W, min_lr_ratio=m), T, lr)
+    for s in (0, 9, 39):
+        assert lrs[s] == pytest.approx(lr * (s + 1) / W)
+    for s in (40, 123, 520, 999):
+        p = (s - W) / (T - W)
+        assert lrs[s] == pytest.approx(lr * (m + (1 - m) * 0.5 * (1 + math.cos(math.pi * p))))
+    assert min(lrs[W:]) >= lr * m - 1e-12
+    assert lrs[W] == pytest.approx(lr)
+
+
+def test_cosine_restarts_matches_formula():
+    W, T, R, m, lr = 80, 3000, 1000, 0.1, 3e-4  # seed 000 Base, scaled down
+    lrs = _lrs(_lr_config(schedule="cosine_restarts", warmup_steps=W, min_lr_ratio=m, restart_interval=R), T, lr)
+    for s in (80, 500, 1079, 1080, 1081, 2080, 2999):
+        c = ((s - W) % R) / R
+        assert lrs[s] == pytest.approx(lr * (m + (1 - m) * 0.5 * (1 + math.cos(math.pi * c))))
+    assert lrs[1080] == pytest.approx(lr) and lrs[2080] == pytest.approx(lr)  # restarts
+    assert lrs[1079] < 0.11 * lr
+
+
+def test_polynomial_matches_formula():
+    W, T, m, power, lr = 120, 5000, 0.05, 2.0, 2e-4  # seed 000 Large, scaled down
+    lrs = _lrs(_lr_config(schedule="polynomial", warmup_steps=W, min_lr_ratio=m, power=power), T, lr)
+    for s in (120, 777, 2500, 4999):
+        p = (s - W) / (T - W)
+        # seed 000: lr = (base_lr - min_lr) * (1 - p) ** power + min_lr
+        assert lrs[s] == pytest.approx((lr - m * lr) * (1 - p) ** power + m * lr)
+
+
+def test_torchtitan_schedule_is_untouched():
+    from torchtitan.components.lr_scheduler import build_lr_schedulers
+
+    cfg = _lr_config(warmup_steps=5, decay_type="cosine", min_lr_factor=0.2)
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    ref = build_lr_schedulers([opt], cfg, 50)
+    mine = _lrs(cfg, 50, 1.0)
+    theirs = []
+    for _ in range(50):
+        theirs.append(ref.schedulers[0].get_last_lr()[0])
+        opt.step()
+        ref.step()
+    assert mine == pytest.approx(theirs)
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(10, 4)
+        self.proj = nn.Linear(4, 4, bias=True)
+        self.ffn_norm = nn.RMSNorm(4)
+        self.frozen = nn.Linear(4, 4, bias=False)
+        self.frozen.weight.requires_grad_(False)
+
+
+def test_adamw_groups_betas_eps_and_no_decay():
+    model = _Tiny()
+    cfg = TTOptimizer(lr=1e-3, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.01, implementation="for-loop")
+    opt = build_grouped_optimizers([model], cfg, None)
+    groups = opt.optimizers[0].param_groups
+    assert isinstance(opt.optimizers[0], torch.optim.AdamW)
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
+    assert all(g["betas"] == (0.9, 0.98) and g["eps"] == 1e-8 for g in groups)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in groups[0]["params"]) == ["proj.weight", "tok_embeddings.weight"]
+    assert sorted(names[id(p)] for p in groups[1]["params"]) == ["ffn_norm.weight", "proj.bias"]
+    assert no_decay("layers.0.attention_norm.weight", torch.empty(4)) and not no_decay("output.weight", torch.empty(2, 2))
+    # a weight-decay-only step (zero gradients) leaves the no-decay group untouched
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    opt.step()
+    after = dict(model.named_parameters())
+    assert torch.equal(before["proj.bias"], after["proj.bias"]) and torch.equal(before["ffn_norm.weight"], after["ffn_norm.weight"])
+    assert not torch.equal(before["proj.weight"], after["proj.weight"])
+    assert torch.equal(before["frozen.weight"], after["frozen.weight"])
+    # checkpoint state: the container's flattened state dict round-trips with both groups
+    sd = opt.state_dict()
+    assert not any(k.startswith("state.frozen") for k in sd)
+    opt.load_state_dict(sd)
+    assert [g["weight_decay"] for g in opt.optimizers[0].param_groups] == [0.01, 0.0]
+
+
+def _job(stop=True, warn=100.0):
+    return SimpleNamespace(monitor=SimpleNamespace(stop_on_nonfinite_loss=stop, grad_norm_warn=warn),
+                           compile=SimpleNamespace(enable=False, components=[]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_loss_stops_with_clear_message(bad):
+    from torchtitan.components.loss import build_cross_entropy_loss
+
+    loss_fn = build_checked_loss_fn(build_cross_entropy_loss)(_job())
+    pred = torch.randn(2, 3, 5)
+    labels = torch.randint(0, 5, (2, 3))
+    assert torch.isfinite(loss_fn(pred, labels))
+    pred[0, 1, 2] = bad
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss .*stopping the run before the optimizer step"):
+        loss_fn(pred, labels)
+    off = build_checked_loss_fn(build_cross_entropy_loss)(_job(stop=False))
+    assert not torch.isfinite(off(pred, labels))
+
+
+def test_grad_norm_spike_is_logged_as_warning(caplog, monkeypatch):
+    import logging
+
+    from torchtitan.components.metrics import MetricsProcessor
+    from torchtitan.tools.logging import logger
+
+    monkeypatch.setattr(MetricsProcessor, "log", lambda *a, **k: None)
+    proc = MonitoredMetricsProcessor.__new__(MonitoredMetricsProcessor)
+    proc.grad_norm_warn = 100.0
+    monkeypatch.setattr(logger, "propagate", True)
+    with caplog.at_level(logging.WARNING):
+        proc.log(7, 3.2, 3.3, 12.0)
+        assert not caplog.records
+        proc.log(8, 3.2, 3.3, 250.0)
+    assert len(caplog.records) == 1
+    msg = caplog.records[0].getMessage()
+    assert "step 8" in msg and "250" in msg and "monitor.grad_norm_warn = 100" in msg
