@@ -9,7 +9,8 @@
 #   NGPU         processes per node (default: the GPUs present, else 1)
 #   LOG_RANK     local ranks whose output is shown (default 0; e.g. 0,1)
 #   NNODES       nodes in the job (default 1); with NNODES > 1 also set
-#   NODE_RANK    this node's rank, MASTER_ADDR and MASTER_PORT (c10d rendezvous host:port)
+#   NODE_RANK    this node's rank (informational: with c10d rendezvous torchrun assigns global
+#                ranks in join order), MASTER_ADDR and MASTER_PORT (rendezvous host:port)
 #   RDZV_ID      rendezvous id shared by all nodes of one job (default titan_linear)
 #   PYTHON       interpreter to use (default python3)
 set -euo pipefail
