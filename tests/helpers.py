@@ -15,10 +15,10 @@ def debug_args(**changes) -> MixedModelArgs:
     return args
 
 
-def build(args: MixedModelArgs, seed: int = 0) -> MixedTransformer:
-    """Build on meta, then materialise and init_weights as torchtitan's Trainer does."""
+def build(args, seed: int = 0, cls=MixedTransformer):
+    """Build `cls(args)` on meta, then materialise and init_weights as torchtitan's Trainer does."""
     with torch.device("meta"):
-        model = MixedTransformer(args)
+        model = cls(args)
     model.to_empty(device="cpu")
     torch.manual_seed(seed)
     with torch.no_grad():

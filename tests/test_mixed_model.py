@@ -12,13 +12,7 @@ def _stock_debug(seed: int) -> Transformer:
 
     args = copy.deepcopy(llama3_args["debugmodel"])
     args.max_seq_len = 64
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        model.init_weights(buffer_device=torch.device("cpu"))
-    return model
+    return build(args, seed=seed, cls=Transformer)
 
 
 def test_ratio_zero_is_stock_llama3():
