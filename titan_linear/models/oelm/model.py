@@ -31,11 +31,15 @@ _PROJ = ("wq", "wk", "wv")
 
 
 def orthogonal_weight(shape: tuple[int, int], seed: int) -> torch.Tensor:
-    """A Haar-random (semi-)orthogonal float32 matrix of `shape`, reproducible from `seed`."""
+    """A Haar-random (semi-)orthogonal float32 matrix of `shape`, reproducible from `seed`.
+
+    Drawn and factorised in float64 on the CPU, then rounded to float32. Every rank of a run
+    gets the same bits (same thread count); the QR's last float64 bits depend on the BLAS
+    thread count, so across machines an entry can differ by one float32 ulp, rarely."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    w = torch.empty(shape, dtype=torch.float32)
+    w = torch.empty(shape, dtype=torch.float64)
     torch.nn.init.orthogonal_(w, gain=1.0, generator=gen)
-    return w
+    return w.to(torch.float32)
 
 
 class OELMTransformer(MixedTransformer):
