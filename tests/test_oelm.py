@@ -186,3 +186,15 @@ def test_debug_config_checks():
     assert job.model.name == "llama3_oelm" and args.oelm_freeze == "qk" and args.frozen_layers == list(range(6))
     assert args.oelm_seed == 5
     assert re.fullmatch("F{6}", args.freeze_map)
+
+
+@pytest.mark.parametrize("name, flavor, mode, schedule", [
+    ("oelm_small", "small", "kv", "cosine"), ("oelm_base", "base", "kv", "cosine_restarts"),
+    ("oelm_large", "large", "kv", "polynomial"), ("medium512_gpt", "medium512", "none", "cosine"),
+    ("medium512_oelm", "medium512", "qk", "cosine"),
+])
+def test_seed_configs_check(name, flavor, mode, schedule):
+    job, args = check(["--job.config_file", f"train_configs/{name}.toml"])
+    assert job.model.flavor == flavor and args.oelm_freeze == mode and job.lr_scheduler.schedule == schedule
+    assert job.optimizer.no_decay_bias_and_norm and job.training.seq_len == 512
+    assert job.training.global_batch_size in (16, 64)
