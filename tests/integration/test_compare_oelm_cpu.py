@@ -1,0 +1,34 @@
+"""compare_oelm end to end on the CPU, tiny: both runs train, the table has the seed 001 §3.2 columns."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.integration.test_train_cpu import _env, REPO
+
+pytestmark = pytest.mark.integration
+
+
+def test_compare_oelm_tiny(tmp_path):
+    out = tmp_path / "cmp"
+    argv = [sys.executable, "-m", "titan_linear.tools.compare_oelm", "--steps", "4", "--out", str(out),
+            "--seq-len", "64", "--batch", "2", "--val-freq", "2", "--val-steps", "2", "--ngpu", "1",
+            "--data", str(REPO / "titan_linear" / "assets" / "data" / "tinyshakespeare.txt"),
+            "--", "--model.flavor", "debugmodel", "--metrics.no-enable-tensorboard", "--checkpoint.no-enable"]
+    proc = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    md = (out / "comparison.md").read_text()
+    assert "| Model | Val Loss | Val PPL | Relative gap (PPL) | Total params | Trainable params |" in md
+    gpt = re.search(r"\| GPT \| ([0-9.]+) \| ([0-9.]+) \| baseline \| ([0-9,]+) \| ([0-9,]+) \(100.0%\) \|", md)
+    oelm = re.search(r"\| OELM \| ([0-9.]+) \| ([0-9.]+) \| ([-+0-9.]+)% \| ([0-9,]+) \| ([0-9,]+) \(", md)
+    assert gpt and oelm, md
+    total = int(gpt.group(3).replace(",", ""))
+    assert int(oelm.group(4).replace(",", "")) == total
+    assert total - int(oelm.group(5).replace(",", "")) == 6 * 2 * 256 * 256  # W_q, W_k of 6 layers frozen
+    data = json.loads((out / "comparison.json").read_text())
+    assert data["tokens"] == 4 * 2 * 64
+    assert 4 in map(int, data["gpt"]["val"]) and sorted(data["gpt"]["val"]) == sorted(data["oelm"]["val"])
+    assert (out / "loss_curves.png").is_file() or "matplotlib is not installed" in proc.stdout
