@@ -60,6 +60,7 @@ def test_oelm_two_rank_fsdp_frozen_exact_through_resume(tmp_path):
     assert "freeze map FFFFFF" in log, _tail(log)
     losses = _losses(log)
     assert sorted(losses) == list(range(1, 9)), _tail(log)
+    first_log = log
     assert losses[8][0] < losses[1][0] - 0.3, losses
 
     report = json.loads((dump / "param_report.json").read_text())
@@ -72,11 +73,16 @@ def test_oelm_two_rank_fsdp_frozen_exact_through_resume(tmp_path):
     _check_frozen(sd8, ref=sd4)
     assert not torch.equal(sd4["layers.0.attention.wv.weight"], sd8["layers.0.attention.wv.weight"])
 
-    # resume from step 8 with 4 more steps: loaded, trained on, frozen weights unchanged
-    proc = _run([*common, "--training.steps", "12"], env=_env(NGPU=2))
+    # resume from step 8 with 4 more steps, under full activation checkpointing and a tiny
+    # grad-norm threshold: loaded, trained on, spikes warned about, frozen weights unchanged
+    proc = _run([*common, "--training.steps", "12", "--activation_checkpoint.mode", "full",
+                 "--monitor.grad_norm_warn", "1e-4"], env=_env(NGPU=2))
     log = proc.stdout
     assert proc.returncode == 0, _tail(log)
     assert "Training starts at step 9" in log, _tail(log)
+    assert "Applied full activation checkpointing" in log, _tail(log)
+    assert re.search(r"WARNING - titan_linear: gradient norm spike at step 9: .*monitor.grad_norm_warn = 0.0001", log), _tail(log)
+    assert "gradient norm spike" not in first_log  # default threshold 100
     sd12 = _load(dump / "checkpoint" / "step-12", tmp_path)
     _check_frozen(sd12, ref=sd8)
     assert not torch.equal(sd12["layers.0.attention.wv.weight"], sd8["layers.0.attention.wv.weight"])
