@@ -37,10 +37,10 @@ def test_efficient_attention_cuda_matches_reference(B, H, Hkv, T, D, dtype):
     assert _rel(out, ref) < tol
     for g, r in zip(grads, ref_grads):
         assert torch.isfinite(g).all()
-        if r.norm() == 0:  # e.g. dq at T = 1: the output is v whatever q is
-            assert g.abs().max() < 1e-6
-        else:
-            assert _rel(g, r) < tol
+        # Gradients that vanish in exact arithmetic (dq, dk at T = 1: the output is v) are
+        # rounding noise in both; measure them against the incoming gradient's scale.
+        scale = max(r.float().norm().item(), 1e-3 * do.norm().item())
+        assert (g.float() - r.float()).norm().item() / scale < tol
 
 
 def test_efficient_attention_cuda_large_keys_finite():
