@@ -93,7 +93,10 @@ def test_fsdp2_reduce_scatters_only_trainable_grads():
             "--rdzv_endpoint", "localhost:0", str(REPO / "tests" / "integration" / "fsdp_frozen_worker.py")]
     proc = subprocess.run(argv, cwd=REPO, env=_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = [json.loads(l.split("RESULT ", 1)[1]) for l in proc.stdout.splitlines() if "RESULT " in l]
+    # Both ranks print to one pipe, so two RESULT records can share a line: decode each
+    # record where it starts rather than line by line.
+    decoder = json.JSONDecoder()
+    results = [decoder.raw_decode(proc.stdout, m.end())[0] for m in re.finditer(r"RESULT ", proc.stdout)]
     assert sorted(r["rank"] for r in results) == [0, 1], proc.stdout
     for r in results:
         assert r["frozen_numel"] == 2 * 2 * 256 * 256
