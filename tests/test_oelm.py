@@ -1,6 +1,8 @@
 """OELMTransformer: frozen Haar-orthogonal projections, freeze placement, parameter report, config errors."""
 
 import copy
+
+from tests import helpers
 import re
 
 import pytest
@@ -21,13 +23,7 @@ def oelm_debug(**changes) -> OELMModelArgs:
 
 
 def build(args: OELMModelArgs, seed: int = 0) -> OELMTransformer:
-    with torch.device("meta"):
-        model = OELMTransformer(args)
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        model.init_weights(buffer_device=torch.device("cpu"))
-    return model
+    return helpers.build(args, seed=seed, cls=OELMTransformer)
 
 
 def _weights(model, proj):
