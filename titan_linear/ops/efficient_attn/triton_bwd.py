@@ -1,0 +1,158 @@
+"""Triton backward kernels of causal efficient attention (MATH.md §1).
+
+With w_ts[d] = exp(k_s[d] − z_t[d]) (s <= t), p_t = softmax(q_t) and dA_ts = do_t · v_s:
+
+    dp_t[d] = Σ_{s<=t} w_ts[d] dA_ts                    dq_t = p_t ⊙ (dp_t − p_t · dp_t)
+    dv_s    = Σ_{t>=s} (Σ_d p_t[d] w_ts[d]) do_t
+    dk_s[d] = Σ_{t>=s} w_ts[d] (p_t[d] dA_ts − p_t[d] dp_t[d])
+
+(the second term of dk is the gradient through z_t, whose derivative in k_s is w_ts). No term of
+size |k| is subtracted, so dk is as accurate at key scale 100 as at 1.
+
+1. `bwd_query_kernel`, forward in t per (chunk, kv head), like the output kernel: dp from the
+   same-sub-chunk block plus 2^(r − z_t) ⊙ (S do_t); writes dq, c_t = p_t ⊙ dp_t (for dk), the
+   references r before each sub-chunk, and the chunk's reverse summary
+   LB_n = Σ_t 2^(Z_{n−1} − z_t) p_t ⊗ [do_t | dp_t] (the dp_t column elementwise).
+2. `chunk_scan_kernel` in reverse: B_n = LB_{n+1} + 2^(Z_n − Z_{n+1}) B_{n+1}, the later chunks'
+   summary normalised to Z_n.
+3. `bwd_key_kernel`, backward in t per (chunk, kv head): the later positions' summary B (and its
+   last column b) gives dv_s = k̃_s B, dk_s = k̃_s ⊙ (B v_s − b) with k̃_s = 2^(k2_s − r'),
+   r' = z at the end of the sub-chunk; the same-sub-chunk block adds the exact terms.
+"""
+
+import triton
+import triton.language as tl
+
+from .triton_common import LOG2E, lae2
+
+
+@triton.jit
+def bwd_query_kernel(
+    Q, K, V, DO, DQ, CDP, S_END, ZP, R, LBX,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt,
+    T, HK, NC,
+    G: tl.constexpr, C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+):
+    """Grid (NC, B · HK). CDP: (B, H, T, DK) fp32; R: (B · HK, NC, C // c, DK) log2 references;
+    LBX: (B · HK, NC, DK, DV + 1), chunk n's summary stored at slot n − 1 (chunk 0's, which is
+    zero since Z_{−1} = −inf, at slot NC − 1: the reverse scan's start)."""
+    n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b, hk = bhk // HK, bhk % HK
+    b64 = b.to(tl.int64)
+    dk, dv, ic = tl.arange(0, DK), tl.arange(0, DV), tl.arange(0, c)
+    causal = ic[:, None] >= ic[None, :]
+    base = bhk.to(tl.int64) * NC + n
+    r = tl.load(ZP + base * DK + dk)
+    r0 = r
+    # The state after the previous chunk (chunk 0 starts from nothing).
+    prev = bhk.to(tl.int64) * NC + tl.maximum(n - 1, 0)
+    S = tl.load(S_END + prev * DK * DV + dk[:, None] * DV + dv[None, :])
+    S = tl.where(n > 0, S, 0.0)
+    LB = tl.zeros([DK, DV], dtype=tl.float32)
+    lb = tl.zeros([DK], dtype=tl.float32)
+    H = HK * G
+    for i in range(C // c):
+        tl.store(R + (base * (C // c) + i) * DK + dk, r)
+        t = n * C + i * c + ic
+        tm = t < T
+        t64 = t.to(tl.int64)
+        kp = K + b64 * skb + hk * skh + t64[:, None] * skt + dk[None, :]
+        vp = V + b64 * svb + hk * svh + t64[:, None] * svt + dv[None, :]
+        k2 = tl.load(kp, mask=tm[:, None], other=float("-inf")).to(tl.float32) * LOG2E
+        v = tl.load(vp, mask=tm[:, None], other=0.0).to(tl.float32)
+        z = lae2(r[None, :], tl.associative_scan(k2, 0, lae2))
+        w = tl.exp2(tl.where(causal[:, :, None], k2[None, :, :] - z[:, None, :], float("-inf")))
+        gate = tl.exp2(r[None, :] - z)
+        gate0 = tl.exp2(r0[None, :] - z)
+        for g in range(G):
+            h = hk * G + g
+            qp = Q + b64 * sqb + h * sqh + t64[:, None] * sqt + dk[None, :]
+            q2 = tl.load(qp, mask=tm[:, None], other=0.0).to(tl.float32) * LOG2E
+            p = tl.exp2(q2 - tl.max(q2, axis=1)[:, None])
+            p = p / tl.sum(p, axis=1)[:, None]
+            dop = DO + b64 * sdob + h * sdoh + t64[:, None] * sdot + dv[None, :]
+            do = tl.load(dop, mask=tm[:, None], other=0.0).to(tl.float32)
+            da = tl.dot(do, tl.trans(v))  # (t, s)
+            dp = tl.sum(w * da[:, :, None], axis=1) + gate * tl.dot(do, tl.trans(S))
+            cdp = p * dp
+            dq = cdp - p * tl.sum(cdp, axis=1)[:, None]
+            dqp = DQ + b64 * sdqb + h * sdqh + t64[:, None] * sdqt + dk[None, :]
+            tl.store(dqp, dq.to(DQ.dtype.element_ty), mask=tm[:, None])
+            cp = CDP + ((b64 * H + h) * T + t64[:, None]) * DK + dk[None, :]
+            tl.store(cp, cdp, mask=tm[:, None])
+            LB += tl.dot(tl.trans(p * gate0), do)
+            lb += tl.sum(cdp * gate0, axis=0)
+        r_next = tl.max(z, axis=0)
+        S = S * tl.exp2(r - r_next)[:, None] + tl.dot(tl.trans(tl.exp2(k2 - r_next[None, :])), v)
+        r = r_next
+    slot = bhk.to(tl.int64) * NC + (n + NC - 1) % NC
+    out = LBX + slot * DK * (DV + 1)
+    tl.store(out + dk[:, None] * (DV + 1) + dv[None, :], LB)
+    tl.store(out + dk * (DV + 1) + DV, lb)
+
+
+@triton.jit
+def bwd_key_kernel(
+    Q, K, V, DO, CDP, Z_END, R, BX, DK_, DV_,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
+    sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
+    T, HK, NC,
+    G: tl.constexpr, C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+):
+    """Grid (NC, B · HK). Z_END: (B · HK, NC, DK) log2 z at the end of each chunk; BX: the reverse
+    scan's output, (B · HK, NC, DK, DV + 1), chunk n's later-positions summary at slot n."""
+    n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b, hk = bhk // HK, bhk % HK
+    b64 = b.to(tl.int64)
+    dk, dv, ic = tl.arange(0, DK), tl.arange(0, DV), tl.arange(0, c)
+    causal = ic[:, None] >= ic[None, :]
+    base = bhk.to(tl.int64) * NC + n
+    bx = BX + base * DK * (DV + 1)
+    Bs = tl.load(bx + dk[:, None] * (DV + 1) + dv[None, :])
+    bs = tl.load(bx + dk * (DV + 1) + DV)
+    r_next = tl.load(Z_END + base * DK + dk)
+    H = HK * G
+    for jj in range(C // c):
+        j = C // c - 1 - jj
+        r = tl.load(R + (base * (C // c) + j) * DK + dk)
+        t = n * C + j * c + ic
+        tm = t < T
+        t64 = t.to(tl.int64)
+        kp = K + b64 * skb + hk * skh + t64[:, None] * skt + dk[None, :]
+        vp = V + b64 * svb + hk * svh + t64[:, None] * svt + dv[None, :]
+        k2 = tl.load(kp, mask=tm[:, None], other=float("-inf")).to(tl.float32) * LOG2E
+        v = tl.load(vp, mask=tm[:, None], other=0.0).to(tl.float32)
+        z = lae2(r[None, :], tl.associative_scan(k2, 0, lae2))
+        w = tl.exp2(tl.where(causal[:, :, None], k2[None, :, :] - z[:, None, :], float("-inf")))
+        kt = tl.exp2(k2 - r_next[None, :])  # (s, DK)
+        dvs = tl.dot(kt, Bs)
+        dks = kt * (tl.dot(v, tl.trans(Bs)) - bs[None, :])
+        gate = tl.exp2(r[None, :] - z)
+        Bn = tl.zeros([DK, DV], dtype=tl.float32)
+        bn = tl.zeros([DK], dtype=tl.float32)
+        for g in range(G):
+            h = hk * G + g
+            qp = Q + b64 * sqb + h * sqh + t64[:, None] * sqt + dk[None, :]
+            q2 = tl.load(qp, mask=tm[:, None], other=0.0).to(tl.float32) * LOG2E
+            p = tl.exp2(q2 - tl.max(q2, axis=1)[:, None])
+            p = p / tl.sum(p, axis=1)[:, None]
+            dop = DO + b64 * sdob + h * sdoh + t64[:, None] * sdot + dv[None, :]
+            do = tl.load(dop, mask=tm[:, None], other=0.0).to(tl.float32)
+            cp = CDP + ((b64 * H + h) * T + t64[:, None]) * DK + dk[None, :]
+            cdp = tl.load(cp, mask=tm[:, None], other=0.0)
+            a = tl.sum(p[:, None, :] * w, axis=2)  # (t, s)
+            dvs += tl.dot(tl.trans(a), do)
+            da = tl.dot(do, tl.trans(v))  # (t, s)
+            dks += tl.sum(w * (p[:, None, :] * da[:, :, None] - cdp[:, None, :]), axis=0)
+            Bn += tl.dot(tl.trans(p * gate), do)
+            bn += tl.sum(cdp * gate, axis=0)
+        decay = tl.exp2(r - r_next)
+        Bs = Bs * decay[:, None] + Bn
+        bs = bs * decay + bn
+        r_next = r
+        dkp = DK_ + b64 * sdkb + hk * sdkh + t64[:, None] * sdkt + dk[None, :]
+        dvp = DV_ + b64 * sdvb + hk * sdvh + t64[:, None] * sdvt + dv[None, :]
+        tl.store(dkp, dks.to(DK_.dtype.element_ty), mask=tm[:, None])
+        tl.store(dvp, dvs.to(DV_.dtype.element_ty), mask=tm[:, None])

@@ -1,0 +1,98 @@
+"""Triton forward kernels of causal efficient attention (MATH.md §1).
+
+Three passes, each parallel over chunks of C positions, so a 64K-token sequence keeps the GPU
+as busy as 32 sequences of 2K:
+
+1. `chunk_summary_kernel`, per (chunk, kv head): lse_n = log2-sum-exp2 of the chunk's keys and
+   its local state L_n = Σ_s 2^(k2_s − lse_n) ⊗ v_s. Nothing here depends on earlier chunks.
+2. `chunk_scan_kernel` (triton_common) carries the states across chunks:
+   S_n = 2^(Z_{n−1} − Z_n) · S_{n−1} + 2^(lse_n − Z_n) · L_n, with Z_n the log2-cumsum-exp2 of
+   the lse (a tiny torch op). S_n is normalised to Z_n, the z at the end of chunk n.
+3. `chunk_output_kernel`, per (chunk, kv head), walks the chunk's sub-chunks of c positions:
+   z_t from the reference r (z before the sub-chunk) and a log-add-exp scan of the keys;
+   the exact masked c × c × d block for keys in the same sub-chunk (the only place where
+   exp(k_s − z_t) needs both indices); everything earlier through the state S normalised
+   to r: o_t += (p_t · 2^(r − z_t)) S. Every exponent is <= 0 (k_s <= z_s <= r <= z_t).
+   The query heads of a group share the kv head's gates, block and state, so one program
+   serves them all.
+"""
+
+import triton
+import triton.language as tl
+
+from .triton_common import LOG2E, lae2
+
+
+@triton.jit
+def chunk_summary_kernel(
+    K, V, L, LSE,
+    skb, skh, skt, svb, svh, svt,
+    T, HK, NC,
+    C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+):
+    """Grid (NC, B · HK). L: (B · HK, NC, DK, DV), LSE: (B · HK, NC, DK), both fp32."""
+    n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b, hk = bhk // HK, bhk % HK
+    t = n * C + tl.arange(0, C)
+    tm = t < T
+    dk, dv = tl.arange(0, DK), tl.arange(0, DV)
+    kp = K + b.to(tl.int64) * skb + hk * skh + t[:, None].to(tl.int64) * skt + dk[None, :]
+    vp = V + b.to(tl.int64) * svb + hk * svh + t[:, None].to(tl.int64) * svt + dv[None, :]
+    k2 = tl.load(kp, mask=tm[:, None], other=float("-inf")).to(tl.float32) * LOG2E
+    v = tl.load(vp, mask=tm[:, None], other=0.0).to(tl.float32)
+    m = tl.max(k2, axis=0)  # finite: every chunk holds at least one real position
+    e = tl.exp2(k2 - m[None, :])
+    s = tl.sum(e, axis=0)
+    lse = m + tl.log2(s)
+    state = tl.dot(tl.trans(e / s[None, :]), v)  # (DK, DV)
+    base = bhk.to(tl.int64) * NC + n
+    tl.store(L + base * DK * DV + dk[:, None] * DV + dv[None, :], state)
+    tl.store(LSE + base * DK + dk, lse)
+
+
+@triton.jit
+def chunk_output_kernel(
+    Q, K, V, O, S_END, ZP,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+    T, HK, NC,
+    G: tl.constexpr, C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+):
+    """Grid (NC, B · HK). S_END: (B · HK, NC, DK, DV) state after each chunk (scan output);
+    ZP: (B · HK, NC, DK) log2 z just before each chunk (-inf before the first)."""
+    n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b, hk = bhk // HK, bhk % HK
+    dk, dv, ic = tl.arange(0, DK), tl.arange(0, DV), tl.arange(0, c)
+    causal = ic[:, None] >= ic[None, :]  # [t, s]
+    base = bhk.to(tl.int64) * NC + n
+    r = tl.load(ZP + base * DK + dk)
+    # The state after the previous chunk (chunk 0 starts from nothing).
+    prev = bhk.to(tl.int64) * NC + tl.maximum(n - 1, 0)
+    S = tl.load(S_END + prev * DK * DV + dk[:, None] * DV + dv[None, :])
+    S = tl.where(n > 0, S, 0.0)
+    for i in range(C // c):
+        t = n * C + i * c + ic
+        tm = t < T
+        t64 = t.to(tl.int64)
+        kp = K + b.to(tl.int64) * skb + hk * skh + t64[:, None] * skt + dk[None, :]
+        vp = V + b.to(tl.int64) * svb + hk * svh + t64[:, None] * svt + dv[None, :]
+        k2 = tl.load(kp, mask=tm[:, None], other=float("-inf")).to(tl.float32) * LOG2E
+        v = tl.load(vp, mask=tm[:, None], other=0.0).to(tl.float32)
+        z = lae2(r[None, :], tl.associative_scan(k2, 0, lae2))  # (c, DK)
+        # Masked before exp2: k_s − z_t > 0 for s > t may be large enough to overflow.
+        w = tl.exp2(tl.where(causal[:, :, None], k2[None, :, :] - z[:, None, :], float("-inf")))
+        gate = tl.exp2(r[None, :] - z)  # (c, DK), <= 1
+        for g in range(G):
+            h = hk * G + g
+            qp = Q + b.to(tl.int64) * sqb + h * sqh + t64[:, None] * sqt + dk[None, :]
+            q2 = tl.load(qp, mask=tm[:, None], other=0.0).to(tl.float32) * LOG2E
+            p = tl.exp2(q2 - tl.max(q2, axis=1)[:, None])
+            p = p / tl.sum(p, axis=1)[:, None]
+            a = tl.sum(p[:, None, :] * w, axis=2)  # (t, s)
+            o = tl.dot(a, v) + tl.dot(p * gate, S)
+            op = O + b.to(tl.int64) * sob + h * soh + t64[:, None] * sot + dv[None, :]
+            tl.store(op, o.to(O.dtype.element_ty), mask=tm[:, None])
+        r_next = tl.max(z, axis=0)  # z is non-decreasing in t: its last row
+        S = S * tl.exp2(r - r_next)[:, None] + tl.dot(tl.trans(tl.exp2(k2 - r_next[None, :])), v)
+        r = r_next

@@ -1,0 +1,183 @@
+"""The Triton path as torch custom ops, so per-block torch.compile(fullgraph=True) keeps it whole.
+
+`efficient_attention_triton(q, k, v)` is differentiable: `titan_linear::efficient_attn_fwd`
+returns the output and what the backward needs (the state after each chunk, in fp32, and the
+log2 z at each chunk's end: O((T / C) · d²) memory, linear in T), and
+`titan_linear::efficient_attn_bwd` returns dq, dk, dv. Kernels: triton_fwd.py, triton_bwd.py.
+
+On a machine without a GPU the same kernels run under Triton's interpreter
+(TRITON_INTERPRET=1 before the first import of triton), which is how CPU tests check them.
+"""
+
+import torch
+import triton
+
+from .naive import check_qkv
+from .triton_bwd import bwd_key_kernel, bwd_query_kernel
+from .triton_common import LN2, LOG2E, chunk_scan_kernel
+from .triton_fwd import chunk_output_kernel, chunk_summary_kernel
+
+CHUNK = 128  # positions per chunk: the unit of parallel work and of the carried state
+SUB_CHUNK = 16  # positions per exact masked block (the smallest Triton matrix product)
+SCAN_CHUNKS = 16  # chunks per step of the scan's parallel block
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the Triton path takes these inputs (the caller falls back to chunk.py if not)."""
+    return (
+        q.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and k.dtype == q.dtype
+        and v.dtype == q.dtype
+        and q.shape[-1] in HEAD_DIMS
+        and v.shape[-1] in HEAD_DIMS
+    )
+
+
+def _warps(dk: int, dv: int) -> int:
+    # The c × c × d block lives in registers: 4 warps hold it for d = 64 only with spills.
+    return 8 if max(dk, dv) >= 64 else 4
+
+
+def _like_bthd(x: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """(bs, heads, seqlen, d) stored as (bs, seqlen, heads, d): the layout torchtitan's attention
+    transposes from and back to, so `.transpose(1, 2).contiguous()` after the op is free."""
+    bs, heads, seqlen = x.shape[:3]
+    return torch.empty(bs, seqlen, heads, d, dtype=dtype, device=x.device).transpose(1, 2)
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _unit_stride(*xs: torch.Tensor) -> list[torch.Tensor]:
+    return [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
+
+
+def _chunk_z(lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log2 z at the end of each chunk and just before it (-inf before the first chunk)."""
+    z_end = torch.logcumsumexp(lse2.double() * LN2, dim=1).mul_(LOG2E).float()
+    z_prev = torch.cat([torch.full_like(z_end[:, :1], float("-inf")), z_end[:, :-1]], dim=1)
+    return z_end.contiguous(), z_prev.contiguous()
+
+
+def _scan(u, gate, scale, reverse: bool, width: int):
+    bh, nc, e = u.shape
+    x = torch.empty_like(u)
+    blk = 256
+    chunk_scan_kernel[(bh, triton.cdiv(e, blk))](
+        u, gate, scale if scale is not None else gate, x, nc, e,
+        W=width, HAS_F=scale is not None, REVERSE=reverse, NB=SCAN_CHUNKS, BLK=blk,
+    )
+    return x
+
+
+@torch.library.custom_op("titan_linear::efficient_attn_fwd", mutates_args=())
+def efficient_attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (o, s_end, z_end): o (bs, n_heads, seqlen, d_v); s_end (bs · n_kv_heads, chunks,
+    d_k, d_v) fp32 state after each chunk; z_end (bs · n_kv_heads, chunks, d_k) fp32 log2 z."""
+    group = check_qkv(q, k, v)
+    q, k, v = _unit_stride(q, k, v)
+    bs, n_heads, seqlen, d_k = q.shape
+    n_kv, d_v = k.shape[1], v.shape[-1]
+    nc = triton.cdiv(seqlen, CHUNK)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    local = torch.empty(bs * n_kv, nc, d_k, d_v, **f32)
+    lse2 = torch.empty(bs * n_kv, nc, d_k, **f32)
+    warps = _warps(d_k, d_v)
+    grid = (nc, bs * n_kv)
+    chunk_summary_kernel[grid](
+        k, v, local, lse2, *_strides(k), *_strides(v), seqlen, n_kv, nc,
+        C=CHUNK, DK=d_k, DV=d_v, num_warps=warps,
+    )
+    z_end, z_prev = _chunk_z(lse2)
+    gate, scale = torch.exp2(z_prev - z_end), torch.exp2(lse2 - z_end)
+    s_end = _scan(local.view(bs * n_kv, nc, -1), gate, scale, reverse=False, width=d_v)
+    s_end = s_end.view(bs * n_kv, nc, d_k, d_v)
+    o = _like_bthd(q, d_v, q.dtype)
+    chunk_output_kernel[grid](
+        q, k, v, o, s_end, z_prev, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v, num_warps=warps,
+    )
+    return o, s_end, z_end
+
+
+@efficient_attn_fwd.register_fake
+def _(q, k, v):
+    bs, n_heads, seqlen, d_k = q.shape
+    n_kv, d_v = k.shape[1], v.shape[-1]
+    nc = -(-seqlen // CHUNK)
+    s_end = q.new_empty(bs * n_kv, nc, d_k, d_v, dtype=torch.float32)
+    return _like_bthd(q, d_v, q.dtype), s_end, q.new_empty(bs * n_kv, nc, d_k, dtype=torch.float32)
+
+
+@torch.library.custom_op("titan_linear::efficient_attn_bwd", mutates_args=())
+def efficient_attn_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    s_end: torch.Tensor, z_end: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv from the output gradient and efficient_attn_fwd's saved s_end and z_end."""
+    group = check_qkv(q, k, v)
+    do, q, k, v = _unit_stride(do, q, k, v)
+    bs, n_heads, seqlen, d_k = q.shape
+    n_kv, d_v = k.shape[1], v.shape[-1]
+    nc = s_end.shape[1]
+    f32 = dict(dtype=torch.float32, device=q.device)
+    z_prev = torch.cat([torch.full_like(z_end[:, :1], float("-inf")), z_end[:, :-1]], dim=1)
+    dq = _like_bthd(q, d_k, q.dtype)
+    cdp = torch.empty(bs, n_heads, seqlen, d_k, **f32)
+    refs = torch.empty(bs * n_kv, nc, CHUNK // SUB_CHUNK, d_k, **f32)
+    later = torch.empty(bs * n_kv, nc, d_k, d_v + 1, **f32)
+    warps = _warps(d_k, d_v)
+    grid = (nc, bs * n_kv)
+    bwd_query_kernel[grid](
+        q, k, v, do, dq, cdp, s_end, z_prev, refs, later,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v, num_warps=warps,
+    )
+    # Reverse scan: slot n receives chunk n + 1's summary, decayed from Z_{n+1} to Z_n.
+    gate = torch.cat([torch.exp2(z_end[:, :-1] - z_end[:, 1:]), torch.zeros_like(z_end[:, :1])], dim=1)
+    later = _scan(later.view(bs * n_kv, nc, -1), gate.contiguous(), None, reverse=True, width=d_v + 1)
+    dk = _like_bthd(k, d_k, k.dtype)
+    dv = _like_bthd(v, d_v, v.dtype)
+    bwd_key_kernel[grid](
+        q, k, v, do, cdp, z_end, refs, later, dk, dv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v, num_warps=warps,
+    )
+    return dq, dk, dv
+
+
+@efficient_attn_bwd.register_fake
+def _(do, q, k, v, s_end, z_end):
+    return _like_bthd(q, q.shape[-1], q.dtype), _like_bthd(k, k.shape[-1], k.dtype), _like_bthd(v, v.shape[-1], v.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v = inputs
+    _, s_end, z_end = output
+    ctx.save_for_backward(q, k, v, s_end, z_end)
+
+
+def _backward(ctx, do, _ds_end, _dz_end):
+    q, k, v, s_end, z_end = ctx.saved_tensors
+    return efficient_attn_bwd(do, q, k, v, s_end, z_end)
+
+
+efficient_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def efficient_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal efficient attention by the Triton kernels; same contract as efficient_attention.
+
+    Args:
+        q: (bs, n_heads, seqlen, d_k), bf16 / fp16 / fp32, d_k in 16, 32, 64, 128.
+        k: (bs, n_kv_heads, seqlen, d_k).
+        v: (bs, n_kv_heads, seqlen, d_v).
+
+    Returns:
+        (bs, n_heads, seqlen, d_v) in the dtype of q, stored as (bs, seqlen, n_heads, d_v).
+    """
+    return efficient_attn_fwd(q, k, v)[0]
