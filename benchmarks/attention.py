@@ -5,8 +5,9 @@ per call should stay flat in T for a linear-time method. Rows go to a JSON file:
 
     python benchmarks/attention.py --out benchmarks/results/attention_h100.json
 
-impl names: `sdpa` (torch SDPA, FlashAttention on Hopper), `torch_chunked` (the plain-torch
-chunked path under torch.compile), `torch_chunked_eager`.
+impl names: `sdpa` (torch SDPA, FlashAttention on Hopper), `titan_triton` (this project's Triton
+kernels, the path models take on a GPU), `torch_chunked` (the plain-torch chunked path under
+torch.compile), `torch_chunked_eager`.
 """
 
 import argparse
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from titan_linear.ops.efficient_attn import efficient_attention_chunked  # noqa: E402
+from titan_linear.ops.efficient_attn import efficient_attention_chunked, efficient_attention_triton  # noqa: E402
 
 
 def _sdpa(q, k, v):
@@ -55,13 +56,14 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64])
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
-    ap.add_argument("--impls", nargs="+", default=["sdpa", "torch_chunked"])
+    ap.add_argument("--impls", nargs="+", default=["sdpa", "titan_triton", "torch_chunked"])
     ap.add_argument("--rep-ms", type=int, default=200)
     a = ap.parse_args()
     impls = {
         "sdpa": _sdpa,
         "torch_chunked": torch.compile(efficient_attention_chunked, fullgraph=True),
         "torch_chunked_eager": efficient_attention_chunked,
+        "titan_triton": efficient_attention_triton,
     }
     rows = []
     device = torch.cuda.get_device_name()

@@ -1,9 +1,15 @@
 """Causal efficient attention (MATH.md §1): one public entry point beside its references.
 
 `efficient_attention` is what models call. `naive.py` holds the fp32 references (quadratic and
-recurrent) and the one-token decoding step; `chunk.py` holds the plain-torch chunked form.
+recurrent) and the one-token decoding step; `chunk.py` holds the plain-torch chunked form;
+`triton_op.py` the fast GPU path (Triton kernels behind torch custom ops).
+
+The implementation is chosen per call (`_select_impl`): the Triton path for CUDA tensors it
+supports, the chunked torch path otherwise. The environment variable TITAN_LINEAR_ATTN_IMPL
+(auto | triton | torch, read at import) or `set_impl` overrides the choice.
 """
 
+import os
 from typing import Callable
 
 import torch
@@ -23,16 +29,43 @@ __all__ = [
     "efficient_attention_quadratic",
     "efficient_attention_recurrent",
     "efficient_attention_step",
+    "efficient_attention_triton",
+    "set_impl",
 ]
 
+try:  # triton ships with CUDA builds of torch on Linux; elsewhere only the torch path exists
+    from .triton_op import efficient_attention_triton, supports as _triton_supports
+except ImportError:  # pragma: no cover
+    efficient_attention_triton, _triton_supports = None, None
 
-def _select_impl(q: torch.Tensor) -> Callable[..., torch.Tensor]:
+IMPLS = ("auto", "triton", "torch")
+_impl = "auto"
+
+
+def set_impl(name: str) -> None:
+    """Force an implementation: "auto" (Triton on supported CUDA inputs), "triton" or "torch"."""
+    global _impl
+    if name not in IMPLS:
+        raise ValueError(f"TITAN_LINEAR_ATTN_IMPL = {name!r} is not allowed: one of {', '.join(IMPLS)}")
+    if name == "triton" and efficient_attention_triton is None:
+        raise ValueError("TITAN_LINEAR_ATTN_IMPL = 'triton' is not allowed here: triton is not installed")
+    _impl = name
+
+
+set_impl(os.environ.get("TITAN_LINEAR_ATTN_IMPL", "auto"))
+
+
+def _select_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[..., torch.Tensor]:
     """The one dispatch point: which implementation serves a call.
 
-    A fast GPU kernel plugs in here (a later issue), e.g. `if q.is_cuda: return <kernel>`;
-    it must agree with `efficient_attention_quadratic` like the chunked path does. Until then
-    every device gets the chunked torch path, which runs on CPU and CUDA alike.
+    Both must agree with `efficient_attention_quadratic` (tests/test_efficient_attn.py,
+    tests/test_triton_attn.py, tests/test_gpu.py). fp64 inputs and CPU tensors take the chunked
+    torch path; "triton" forced on the CPU runs the kernels only under TRITON_INTERPRET=1.
     """
+    if _impl == "torch" or efficient_attention_triton is None:
+        return efficient_attention_chunked
+    if _impl == "triton" or (q.is_cuda and _triton_supports(q, k, v)):
+        return efficient_attention_triton
     return efficient_attention_chunked
 
 
@@ -48,4 +81,4 @@ def efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     Returns:
         (bs, n_heads, seqlen, d_v) in the dtype of q.
     """
-    return _select_impl(q)(q, k, v)
+    return _select_impl(q, k, v)(q, k, v)

@@ -32,6 +32,7 @@ def bwd_query_kernel(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt,
     T, HK, NC,
     G: tl.constexpr, C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Grid (NC, B · HK). CDP: (B, H, T, DK) fp32; R: (B · HK, NC, C // c, DK) log2 references;
     LBX: (B · HK, NC, DK, DV + 1), chunk n's summary stored at slot n − 1 (chunk 0's, which is
@@ -73,18 +74,18 @@ def bwd_query_kernel(
             p = p / tl.sum(p, axis=1)[:, None]
             dop = DO + b64 * sdob + h * sdoh + t64[:, None] * sdot + dv[None, :]
             do = tl.load(dop, mask=tm[:, None], other=0.0).to(tl.float32)
-            da = tl.dot(do, tl.trans(v))  # (t, s)
-            dp = tl.sum(w * da[:, :, None], axis=1) + gate * tl.dot(do, tl.trans(S))
+            da = tl.dot(do, tl.trans(v), input_precision=PREC)  # (t, s)
+            dp = tl.sum(w * da[:, :, None], axis=1) + gate * tl.dot(do, tl.trans(S), input_precision=PREC)
             cdp = p * dp
             dq = cdp - p * tl.sum(cdp, axis=1)[:, None]
             dqp = DQ + b64 * sdqb + h * sdqh + t64[:, None] * sdqt + dk[None, :]
             tl.store(dqp, dq.to(DQ.dtype.element_ty), mask=tm[:, None])
             cp = CDP + ((b64 * H + h) * T + t64[:, None]) * DK + dk[None, :]
             tl.store(cp, cdp, mask=tm[:, None])
-            LB += tl.dot(tl.trans(p * gate0), do)
+            LB += tl.dot(tl.trans(p * gate0), do, input_precision=PREC)
             lb += tl.sum(cdp * gate0, axis=0)
         r_next = tl.max(z, axis=0)
-        S = S * tl.exp2(r - r_next)[:, None] + tl.dot(tl.trans(tl.exp2(k2 - r_next[None, :])), v)
+        S = S * tl.exp2(r - r_next)[:, None] + tl.dot(tl.trans(tl.exp2(k2 - r_next[None, :])), v, input_precision=PREC)
         r = r_next
     slot = bhk.to(tl.int64) * NC + (n + NC - 1) % NC
     out = LBX + slot * DK * (DV + 1)
@@ -99,6 +100,7 @@ def bwd_key_kernel(
     sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
     T, HK, NC,
     G: tl.constexpr, C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Grid (NC, B · HK). Z_END: (B · HK, NC, DK) log2 z at the end of each chunk; BX: the reverse
     scan's output, (B · HK, NC, DK, DV + 1), chunk n's later-positions summary at slot n."""
@@ -127,8 +129,8 @@ def bwd_key_kernel(
         z = lae2(r[None, :], tl.associative_scan(k2, 0, lae2))
         w = tl.exp2(tl.where(causal[:, :, None], k2[None, :, :] - z[:, None, :], float("-inf")))
         kt = tl.exp2(k2 - r_next[None, :])  # (s, DK)
-        dvs = tl.dot(kt, Bs)
-        dks = kt * (tl.dot(v, tl.trans(Bs)) - bs[None, :])
+        dvs = tl.dot(kt, Bs, input_precision=PREC)
+        dks = kt * (tl.dot(v, tl.trans(Bs), input_precision=PREC) - bs[None, :])
         gate = tl.exp2(r[None, :] - z)
         Bn = tl.zeros([DK, DV], dtype=tl.float32)
         bn = tl.zeros([DK], dtype=tl.float32)
@@ -143,10 +145,10 @@ def bwd_key_kernel(
             cp = CDP + ((b64 * H + h) * T + t64[:, None]) * DK + dk[None, :]
             cdp = tl.load(cp, mask=tm[:, None], other=0.0)
             a = tl.sum(p[:, None, :] * w, axis=2)  # (t, s)
-            dvs += tl.dot(tl.trans(a), do)
-            da = tl.dot(do, tl.trans(v))  # (t, s)
+            dvs += tl.dot(tl.trans(a), do, input_precision=PREC)
+            da = tl.dot(do, tl.trans(v), input_precision=PREC)  # (t, s)
             dks += tl.sum(w * (p[:, None, :] * da[:, :, None] - cdp[:, None, :]), axis=0)
-            Bn += tl.dot(tl.trans(p * gate), do)
+            Bn += tl.dot(tl.trans(p * gate), do, input_precision=PREC)
             bn += tl.sum(cdp * gate, axis=0)
         decay = tl.exp2(r - r_next)
         Bs = Bs * decay[:, None] + Bn

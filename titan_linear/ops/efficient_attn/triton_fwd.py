@@ -29,6 +29,7 @@ def chunk_summary_kernel(
     skb, skh, skt, svb, svh, svt,
     T, HK, NC,
     C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Grid (NC, B · HK). L: (B · HK, NC, DK, DV), LSE: (B · HK, NC, DK), both fp32."""
     n = tl.program_id(0)
@@ -45,7 +46,7 @@ def chunk_summary_kernel(
     e = tl.exp2(k2 - m[None, :])
     s = tl.sum(e, axis=0)
     lse = m + tl.log2(s)
-    state = tl.dot(tl.trans(e / s[None, :]), v)  # (DK, DV)
+    state = tl.dot(tl.trans(e / s[None, :]), v, input_precision=PREC)  # (DK, DV)
     base = bhk.to(tl.int64) * NC + n
     tl.store(L + base * DK * DV + dk[:, None] * DV + dv[None, :], state)
     tl.store(LSE + base * DK + dk, lse)
@@ -57,6 +58,7 @@ def chunk_output_kernel(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
     T, HK, NC,
     G: tl.constexpr, C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Grid (NC, B · HK). S_END: (B · HK, NC, DK, DV) state after each chunk (scan output);
     ZP: (B · HK, NC, DK) log2 z just before each chunk (-inf before the first)."""
@@ -90,9 +92,9 @@ def chunk_output_kernel(
             p = tl.exp2(q2 - tl.max(q2, axis=1)[:, None])
             p = p / tl.sum(p, axis=1)[:, None]
             a = tl.sum(p[:, None, :] * w, axis=2)  # (t, s)
-            o = tl.dot(a, v) + tl.dot(p * gate, S)
+            o = tl.dot(a, v, input_precision=PREC) + tl.dot(p * gate, S, input_precision=PREC)
             op = O + b.to(tl.int64) * sob + h * soh + t64[:, None] * sot + dv[None, :]
             tl.store(op, o.to(O.dtype.element_ty), mask=tm[:, None])
         r_next = tl.max(z, axis=0)  # z is non-decreasing in t: its last row
-        S = S * tl.exp2(r - r_next)[:, None] + tl.dot(tl.trans(tl.exp2(k2 - r_next[None, :])), v)
+        S = S * tl.exp2(r - r_next)[:, None] + tl.dot(tl.trans(tl.exp2(k2 - r_next[None, :])), v, input_precision=PREC)
         r = r_next

@@ -39,6 +39,12 @@ def _warps(dk: int, dv: int) -> int:
     return 8 if max(dk, dv) >= 64 else 4
 
 
+def _precision(dtype: torch.dtype) -> str:
+    # Products of fp32 operands (states, gated queries): tf32 tensor cores lose ~1e-3, below the
+    # rounding of a bf16 / fp16 result; fp32 callers get full fp32 products.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def _like_bthd(x: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
     """(bs, heads, seqlen, d) stored as (bs, seqlen, heads, d): the layout torchtitan's attention
     transposes from and back to, so `.transpose(1, 2).contiguous()` after the op is free."""
@@ -90,7 +96,7 @@ def efficient_attn_fwd(
     grid = (nc, bs * n_kv)
     chunk_summary_kernel[grid](
         k, v, local, lse2, *_strides(k), *_strides(v), seqlen, n_kv, nc,
-        C=CHUNK, DK=d_k, DV=d_v, num_warps=warps,
+        C=CHUNK, DK=d_k, DV=d_v, PREC=_precision(q.dtype), num_warps=warps,
     )
     z_end, z_prev = _chunk_z(lse2)
     gate, scale = torch.exp2(z_prev - z_end), torch.exp2(lse2 - z_end)
@@ -99,7 +105,8 @@ def efficient_attn_fwd(
     o = _like_bthd(q, d_v, q.dtype)
     chunk_output_kernel[grid](
         q, k, v, o, s_end, z_prev, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v, num_warps=warps,
+        seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v, PREC=_precision(q.dtype),
+        num_warps=warps,
     )
     return o, s_end, z_end
 
@@ -135,7 +142,8 @@ def efficient_attn_bwd(
     bwd_query_kernel[grid](
         q, k, v, do, dq, cdp, s_end, z_prev, refs, later,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v, num_warps=warps,
+        seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v, PREC=_precision(q.dtype),
+        num_warps=warps,
     )
     # Reverse scan: slot n receives chunk n + 1's summary, decayed from Z_{n+1} to Z_n.
     gate = torch.cat([torch.exp2(z_end[:, :-1] - z_end[:, 1:]), torch.zeros_like(z_end[:, :1])], dim=1)
@@ -145,7 +153,8 @@ def efficient_attn_bwd(
     bwd_key_kernel[grid](
         q, k, v, do, cdp, z_end, refs, later, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v, num_warps=warps,
+        seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v, PREC=_precision(q.dtype),
+        num_warps=warps,
     )
     return dq, dk, dv
 
