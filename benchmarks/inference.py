@@ -1,0 +1,136 @@
+"""Inference latency and memory by layer mix: prefill, per-token decode, caches.
+
+For each linear-attention ratio and context length: one prefill of `context` random tokens
+(timed after an untimed prefill of the same length), then `--decode-tokens` greedy decode
+steps, each timed on its own. Softmax layers decode from a KV cache, linear layers from
+their constant-size recurrent state (titan_linear/inference/). Random weights; the model is
+the train spec's flavor with `linear_attn_ratio` set (uniform placement).
+
+    python benchmarks/inference.py --out benchmarks/results/inference_h100.json
+    python benchmarks/inference.py --device cpu --flavor debugmodel --contexts 64 128 --out /tmp/inf.json
+
+Rows (one JSON object each, printed and written as a list to --out): config, ratio,
+layer_map, context, prefill_ms, decode_ms_per_token (mean over the decode steps),
+cache_gib (KV caches as allocated for context + decode tokens, plus recurrent states),
+peak_prefill_gib / peak_decode_gib (CUDA max allocated during each phase, weights included;
+null on CPU), peak_gib (the larger), device, dtype.
+"""
+
+import argparse
+import copy
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import titan_linear  # noqa: E402,F401 (registers the train specs)
+from torchtitan.protocols.train_spec import get_train_spec  # noqa: E402
+
+from titan_linear.inference import decode_step, prefill, prepare_model  # noqa: E402
+from titan_linear.inference.build import materialize  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+GIB = 2**30
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / GIB, 3) if device.type == "cuda" else None
+
+
+def measure(model, context: int, decode_tokens: int, batch: int, device: torch.device, seed: int) -> dict:
+    """Prefill and decode timings and memory at one context length."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    tokens = torch.randint(0, model.model_args.vocab_size, (batch, context), generator=gen).to(device)
+    max_len = context + decode_tokens
+    # Warm-up at this length: kernel plans and allocator blocks depend on the shapes.
+    logits, caches = prefill(model, tokens, max_len=max_len)
+    decode_step(model, logits[:, -1].argmax(-1), caches)
+    del logits, caches
+
+    _reset_peak(device)
+    start = _now(device)
+    logits, caches = prefill(model, tokens, max_len=max_len)
+    prefill_ms = 1000 * (_now(device) - start)
+    peak_prefill = _peak_gib(device)
+
+    _reset_peak(device)
+    token = logits[:, -1].argmax(-1)
+    times = []
+    for _ in range(decode_tokens):
+        start = _now(device)
+        token = decode_step(model, token, caches).argmax(-1)
+        times.append(1000 * (_now(device) - start))
+    peak_decode = _peak_gib(device)
+    return {
+        "context": context,
+        "prefill_ms": round(prefill_ms, 3),
+        "decode_ms_per_token": round(sum(times) / len(times), 4),
+        "cache_gib": round(caches.allocated_nbytes() / GIB, 6),
+        "peak_prefill_gib": peak_prefill,
+        "peak_decode_gib": peak_decode,
+        "peak_gib": None if peak_prefill is None else max(peak_prefill, peak_decode),
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--name", default="llama3_mixed", help="train spec")
+    ap.add_argument("--flavor", default="1B")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16 on cuda, fp32 on cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    spec = get_train_spec(a.name)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+    rows = []
+    for ratio in a.ratios:
+        args = copy.deepcopy(spec.model_args[a.flavor])
+        args.linear_attn_ratio = ratio
+        args.max_seq_len = max(a.contexts) + a.decode_tokens
+        model = prepare_model(materialize(spec.model_cls, args, device, a.seed), dtype)
+        for context in a.contexts:
+            row = {"config": f"{a.name} {a.flavor}", "ratio": ratio, "layer_map": args.layer_map,
+                   "batch": a.batch, "device": device_name, "dtype": str(dtype).removeprefix("torch.")}
+            try:
+                row.update(measure(model, context, a.decode_tokens, a.batch, device, a.seed))
+            except torch.OutOfMemoryError as e:
+                row.update(context=context, error=f"OutOfMemoryError: {str(e).splitlines()[0][:200]}")
+                torch.cuda.empty_cache()
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        # The model holds reference cycles (bound-method load hooks): collect it now, so the
+        # next ratio's memory readings do not include it.
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    with open(a.out, "w") as f:
+        json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

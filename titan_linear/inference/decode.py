@@ -1,0 +1,75 @@
+"""Decode one token: every block reads its cache instead of the whole sequence.
+
+The block is walked module by module (attention_norm, attention.wq/wk/wv/wo, ffn_norm,
+feed_forward), the same arithmetic as TransformerBlock.forward for a sequence of one:
+
+- softmax layer: RoPE at the token's position (torchtitan's apply_rotary_emb on that row of
+  the table), k and v appended to the KVCache, then SDPA over all cached positions, not
+  causal (the new query sees every cached key). Plain `F.scaled_dot_product_attention`, not
+  the block's wrapper: the wrapper puts cuDNN first, which builds a plan for every new key
+  length, i.e. for every decoded token (~50 ms a call on an H100, against 0.05 ms for
+  torch's default choice);
+- linear layer: `efficient_attention_step` from the layer's RecurrentState, no RoPE (as in
+  training, see models/mixed/model.py); the state keeps its size.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchtitan.models.llama3.model.model import apply_rotary_emb
+
+from titan_linear.ops.efficient_attn import efficient_attention_step
+
+from .cache import Caches, is_linear, KVCache
+
+
+def _heads(proj: nn.Module, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(bs, 1, dim) -> (bs, 1, heads, head_dim); -1 heads as torchtitan's Attention does."""
+    return proj(x).view(x.shape[0], 1, -1, head_dim)
+
+
+def _softmax_attention_step(attn: nn.Module, x, cache: KVCache, pos: int, freqs_cis) -> torch.Tensor:
+    xq, xk, xv = (_heads(p, x, attn.head_dim) for p in (attn.wq, attn.wk, attn.wv))
+    xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis[pos : pos + 1])
+    cache.write(pos, xk.transpose(1, 2), xv.transpose(1, 2))
+    k, v = cache.read(pos + 1)
+    out = F.scaled_dot_product_attention(xq.transpose(1, 2), k, v, enable_gqa=attn.enable_gqa)
+    return out  # (bs, n_heads, 1, head_dim)
+
+
+def _linear_attention_step(attn: nn.Module, x, caches: Caches, name: str) -> torch.Tensor:
+    xq, xk, xv = (_heads(p, x, attn.head_dim).transpose(1, 2) for p in (attn.wq, attn.wk, attn.wv))
+    out, caches.layers[name] = efficient_attention_step(xq, xk, xv, caches.layers[name])
+    return out  # (bs, n_heads, 1, head_dim)
+
+
+def _block_step(block: nn.Module, name: str, x: torch.Tensor, caches: Caches, freqs_cis) -> torch.Tensor:
+    attn = block.attention
+    a = block.attention_norm(x)
+    if is_linear(block):
+        out = _linear_attention_step(attn, a, caches, name)
+    else:
+        out = _softmax_attention_step(attn, a, caches.layers[name], caches.length, freqs_cis)
+    h = x + attn.wo(out.transpose(1, 2).reshape(x.shape[0], 1, -1))
+    return h + block.feed_forward(block.ffn_norm(h))
+
+
+@torch.no_grad()
+def decode_step(model: nn.Module, token: torch.Tensor, caches: Caches) -> torch.Tensor:
+    """Feed one token per sequence at position `caches.length`; update the caches in place.
+
+    Args:
+        model: the model that `prefill` filled `caches` from.
+        token: (bs,) or (bs, 1) token ids.
+        caches: from `prefill` (or an earlier decode_step); its length grows by one.
+
+    Returns:
+        (bs, vocab) logits for the next token.
+    """
+    if caches.length >= caches.max_len:
+        raise ValueError(f"the caches are full: max_len = {caches.max_len} positions")
+    h = model.tok_embeddings(token.reshape(-1, 1))  # (bs, 1, dim)
+    for name, block in model.layers.items():
+        h = _block_step(block, name, h, caches, model.freqs_cis)
+    caches.length += 1
+    return model.output(model.norm(h))[:, 0]
