@@ -23,7 +23,8 @@ size |k| is subtracted, so dk is as accurate at key scale 100 as at 1.
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E, lae2
+from .triton_common import LOG2E, softmax_rows
+from .triton_diag import diag_dk, diag_dp, sub_chunk_z
 
 
 @triton.jit
@@ -32,7 +33,7 @@ def bwd_query_kernel(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt,
     T, HK, NC,
     G: tl.constexpr, C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, SPAN: tl.constexpr,
 ):
     """Grid (NC, B · HK). CDP: (B, H, T, DK) fp32; R: (B · HK, NC, C // c, DK) log2 references;
     LBX: (B · HK, NC, DK, DV + 1), chunk n's summary stored at slot n − 1 (chunk 0's, which is
@@ -42,7 +43,6 @@ def bwd_query_kernel(
     b, hk = bhk // HK, bhk % HK
     b64 = b.to(tl.int64)
     dk, dv, ic = tl.arange(0, DK), tl.arange(0, DV), tl.arange(0, c)
-    causal = ic[:, None] >= ic[None, :]
     base = bhk.to(tl.int64) * NC + n
     r = tl.load(ZP + base * DK + dk)
     r0 = r
@@ -55,27 +55,28 @@ def bwd_query_kernel(
     H = HK * G
     for i in range(C // c):
         tl.store(R + (base * (C // c) + i) * DK + dk, r)
-        t = n * C + i * c + ic
+        t0 = n * C + i * c
+        t = t0 + ic
         tm = t < T
         t64 = t.to(tl.int64)
-        kp = K + b64 * skb + hk * skh + t64[:, None] * skt + dk[None, :]
+        krow = K + b64 * skb + hk * skh + t0.to(tl.int64) * skt
+        k2 = tl.load(krow + ic[:, None].to(tl.int64) * skt + dk[None, :], mask=tm[:, None],
+                     other=float("-inf")).to(tl.float32) * LOG2E
         vp = V + b64 * svb + hk * svh + t64[:, None] * svt + dv[None, :]
-        k2 = tl.load(kp, mask=tm[:, None], other=float("-inf")).to(tl.float32) * LOG2E
         v = tl.load(vp, mask=tm[:, None], other=0.0).to(tl.float32)
-        z = lae2(r[None, :], tl.associative_scan(k2, 0, lae2))
-        w = tl.exp2(tl.where(causal[:, :, None], k2[None, :, :] - z[:, None, :], float("-inf")))
+        z, ref, safe = sub_chunk_z(k2, r, SPAN)
         gate = tl.exp2(r[None, :] - z)
         gate0 = tl.exp2(r0[None, :] - z)
+        gr, kr = tl.exp2(ref[None, :] - z), tl.exp2(k2 - ref[None, :])
         for g in range(G):
             h = hk * G + g
             qp = Q + b64 * sqb + h * sqh + t64[:, None] * sqt + dk[None, :]
-            q2 = tl.load(qp, mask=tm[:, None], other=0.0).to(tl.float32) * LOG2E
-            p = tl.exp2(q2 - tl.max(q2, axis=1)[:, None])
-            p = p / tl.sum(p, axis=1)[:, None]
+            p = softmax_rows(tl.load(qp, mask=tm[:, None], other=0.0))
             dop = DO + b64 * sdob + h * sdoh + t64[:, None] * sdot + dv[None, :]
             do = tl.load(dop, mask=tm[:, None], other=0.0).to(tl.float32)
             da = tl.dot(do, tl.trans(v), input_precision=PREC)  # (t, s)
-            dp = tl.sum(w * da[:, :, None], axis=1) + gate * tl.dot(do, tl.trans(S), input_precision=PREC)
+            dp = diag_dp(da, gr, kr, z, safe, krow, skt, T - t0, c, DK, PREC)
+            dp += gate * tl.dot(do, tl.trans(S), input_precision=PREC)
             cdp = p * dp
             dq = cdp - p * tl.sum(cdp, axis=1)[:, None]
             dqp = DQ + b64 * sdqb + h * sdqh + t64[:, None] * sdqt + dk[None, :]
@@ -85,7 +86,8 @@ def bwd_query_kernel(
             LB += tl.dot(tl.trans(p * gate0), do, input_precision=PREC)
             lb += tl.sum(cdp * gate0, axis=0)
         r_next = tl.max(z, axis=0)
-        S = S * tl.exp2(r - r_next)[:, None] + tl.dot(tl.trans(tl.exp2(k2 - r_next[None, :])), v, input_precision=PREC)
+        S = S * tl.exp2(r - r_next)[:, None] + tl.dot(tl.trans(tl.exp2(k2 - r_next[None, :])), v,
+                                                      input_precision=PREC)
         r = r_next
     slot = bhk.to(tl.int64) * NC + (n + NC - 1) % NC
     out = LBX + slot * DK * (DV + 1)
@@ -100,7 +102,7 @@ def bwd_key_kernel(
     sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
     T, HK, NC,
     G: tl.constexpr, C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, SPAN: tl.constexpr,
 ):
     """Grid (NC, B · HK). Z_END: (B · HK, NC, DK) log2 z at the end of each chunk; BX: the reverse
     scan's output, (B · HK, NC, DK, DV + 1), chunk n's later-positions summary at slot n."""
@@ -109,7 +111,6 @@ def bwd_key_kernel(
     b, hk = bhk // HK, bhk % HK
     b64 = b.to(tl.int64)
     dk, dv, ic = tl.arange(0, DK), tl.arange(0, DV), tl.arange(0, c)
-    causal = ic[:, None] >= ic[None, :]
     base = bhk.to(tl.int64) * NC + n
     bx = BX + base * DK * (DV + 1)
     Bs = tl.load(bx + dk[:, None] * (DV + 1) + dv[None, :])
@@ -119,16 +120,18 @@ def bwd_key_kernel(
     for jj in range(C // c):
         j = C // c - 1 - jj
         r = tl.load(R + (base * (C // c) + j) * DK + dk)
-        t = n * C + j * c + ic
+        t0 = n * C + j * c
+        t = t0 + ic
         tm = t < T
         t64 = t.to(tl.int64)
-        kp = K + b64 * skb + hk * skh + t64[:, None] * skt + dk[None, :]
+        krow = K + b64 * skb + hk * skh + t0.to(tl.int64) * skt
+        k2 = tl.load(krow + ic[:, None].to(tl.int64) * skt + dk[None, :], mask=tm[:, None],
+                     other=float("-inf")).to(tl.float32) * LOG2E
         vp = V + b64 * svb + hk * svh + t64[:, None] * svt + dv[None, :]
-        k2 = tl.load(kp, mask=tm[:, None], other=float("-inf")).to(tl.float32) * LOG2E
         v = tl.load(vp, mask=tm[:, None], other=0.0).to(tl.float32)
-        z = lae2(r[None, :], tl.associative_scan(k2, 0, lae2))
-        w = tl.exp2(tl.where(causal[:, :, None], k2[None, :, :] - z[:, None, :], float("-inf")))
-        kt = tl.exp2(k2 - r_next[None, :])  # (s, DK)
+        z, ref, safe = sub_chunk_z(k2, r, SPAN)
+        gr, kr = tl.exp2(ref[None, :] - z), tl.exp2(k2 - ref[None, :])
+        kt = tl.exp2(k2 - r_next[None, :])  # (s, DK), <= 1
         dvs = tl.dot(kt, Bs, input_precision=PREC)
         dks = kt * (tl.dot(v, tl.trans(Bs), input_precision=PREC) - bs[None, :])
         gate = tl.exp2(r[None, :] - z)
@@ -137,17 +140,15 @@ def bwd_key_kernel(
         for g in range(G):
             h = hk * G + g
             qp = Q + b64 * sqb + h * sqh + t64[:, None] * sqt + dk[None, :]
-            q2 = tl.load(qp, mask=tm[:, None], other=0.0).to(tl.float32) * LOG2E
-            p = tl.exp2(q2 - tl.max(q2, axis=1)[:, None])
-            p = p / tl.sum(p, axis=1)[:, None]
+            p = softmax_rows(tl.load(qp, mask=tm[:, None], other=0.0))
             dop = DO + b64 * sdob + h * sdoh + t64[:, None] * sdot + dv[None, :]
             do = tl.load(dop, mask=tm[:, None], other=0.0).to(tl.float32)
             cp = CDP + ((b64 * H + h) * T + t64[:, None]) * DK + dk[None, :]
             cdp = tl.load(cp, mask=tm[:, None], other=0.0)
-            a = tl.sum(p[:, None, :] * w, axis=2)  # (t, s)
-            dvs += tl.dot(tl.trans(a), do, input_precision=PREC)
             da = tl.dot(do, tl.trans(v), input_precision=PREC)  # (t, s)
-            dks += tl.sum(w * (p[:, None, :] * da[:, :, None] - cdp[:, None, :]), axis=0)
+            a, dkd = diag_dk(p, cdp, da, gr, kr, z, safe, krow, skt, T - t0, c, DK, PREC)
+            dvs += tl.dot(tl.trans(a), do, input_precision=PREC)
+            dks += dkd
             Bn += tl.dot(tl.trans(p * gate), do, input_precision=PREC)
             bn += tl.sum(cdp * gate, axis=0)
         decay = tl.exp2(r - r_next)

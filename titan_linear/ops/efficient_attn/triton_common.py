@@ -7,8 +7,10 @@ exponential is then one hardware ex2 instruction, and exp2(k2 âˆ’ z2) = exp(k âˆ
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E_F = 1.4426950408889634
+LN2_F = 0.6931471805599453
+# Kernels may read module globals only when they are constexpr.
+LOG2E = tl.constexpr(LOG2E_F)
 
 
 @triton.jit
@@ -17,6 +19,14 @@ def lae2(a, b):
     m = tl.maximum(a, b)
     res = m + tl.log2(1.0 + tl.exp2(tl.minimum(a, b) - m))
     return tl.where(m == float("-inf"), m, res)
+
+
+@triton.jit
+def softmax_rows(q):
+    """softmax over the last axis of a (c, D) tile, in fp32."""
+    q2 = q.to(tl.float32) * LOG2E
+    p = tl.exp2(q2 - tl.max(q2, axis=1)[:, None])
+    return p / tl.sum(p, axis=1)[:, None]
 
 
 @triton.jit

@@ -10,9 +10,9 @@ as busy as 32 sequences of 2K:
    the lse (a tiny torch op). S_n is normalised to Z_n, the z at the end of chunk n.
 3. `chunk_output_kernel`, per (chunk, kv head), walks the chunk's sub-chunks of c positions:
    z_t from the reference r (z before the sub-chunk) and a log-add-exp scan of the keys;
-   the exact masked c × c × d block for keys in the same sub-chunk (the only place where
-   exp(k_s − z_t) needs both indices); everything earlier through the state S normalised
-   to r: o_t += (p_t · 2^(r − z_t)) S. Every exponent is <= 0 (k_s <= z_s <= r <= z_t).
+   the keys of the same sub-chunk through its c × c block (triton_diag.py, the only place
+   where exp(k_s − z_t) needs both indices); everything earlier through the state S
+   normalised to r: o_t += (p_t · 2^(r − z_t)) S, whose exponents are <= 0.
    The query heads of a group share the kv head's gates, block and state, so one program
    serves them all.
 """
@@ -20,7 +20,8 @@ as busy as 32 sequences of 2K:
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E, lae2
+from .triton_common import LOG2E, softmax_rows
+from .triton_diag import diag_scores, sub_chunk_z
 
 
 @triton.jit
@@ -58,7 +59,7 @@ def chunk_output_kernel(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
     T, HK, NC,
     G: tl.constexpr, C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, SPAN: tl.constexpr,
 ):
     """Grid (NC, B · HK). S_END: (B · HK, NC, DK, DV) state after each chunk (scan output);
     ZP: (B · HK, NC, DK) log2 z just before each chunk (-inf before the first)."""
@@ -66,7 +67,6 @@ def chunk_output_kernel(
     bhk = tl.program_id(1)
     b, hk = bhk // HK, bhk % HK
     dk, dv, ic = tl.arange(0, DK), tl.arange(0, DV), tl.arange(0, c)
-    causal = ic[:, None] >= ic[None, :]  # [t, s]
     base = bhk.to(tl.int64) * NC + n
     r = tl.load(ZP + base * DK + dk)
     # The state after the previous chunk (chunk 0 starts from nothing).
@@ -74,27 +74,27 @@ def chunk_output_kernel(
     S = tl.load(S_END + prev * DK * DV + dk[:, None] * DV + dv[None, :])
     S = tl.where(n > 0, S, 0.0)
     for i in range(C // c):
-        t = n * C + i * c + ic
+        t0 = n * C + i * c
+        t = t0 + ic
         tm = t < T
         t64 = t.to(tl.int64)
-        kp = K + b.to(tl.int64) * skb + hk * skh + t64[:, None] * skt + dk[None, :]
+        krow = K + b.to(tl.int64) * skb + hk * skh + t0.to(tl.int64) * skt
+        k2 = tl.load(krow + ic[:, None].to(tl.int64) * skt + dk[None, :], mask=tm[:, None],
+                     other=float("-inf")).to(tl.float32) * LOG2E
         vp = V + b.to(tl.int64) * svb + hk * svh + t64[:, None] * svt + dv[None, :]
-        k2 = tl.load(kp, mask=tm[:, None], other=float("-inf")).to(tl.float32) * LOG2E
         v = tl.load(vp, mask=tm[:, None], other=0.0).to(tl.float32)
-        z = lae2(r[None, :], tl.associative_scan(k2, 0, lae2))  # (c, DK)
-        # Masked before exp2: k_s − z_t > 0 for s > t may be large enough to overflow.
-        w = tl.exp2(tl.where(causal[:, :, None], k2[None, :, :] - z[:, None, :], float("-inf")))
-        gate = tl.exp2(r[None, :] - z)  # (c, DK), <= 1
+        z, ref, safe = sub_chunk_z(k2, r, SPAN)  # (c, DK), (DK,), scalar
+        gate = tl.exp2(r[None, :] - z)  # (c, DK), <= 1; 0 before the first key
+        gr, kr = tl.exp2(ref[None, :] - z), tl.exp2(k2 - ref[None, :])
         for g in range(G):
             h = hk * G + g
             qp = Q + b.to(tl.int64) * sqb + h * sqh + t64[:, None] * sqt + dk[None, :]
-            q2 = tl.load(qp, mask=tm[:, None], other=0.0).to(tl.float32) * LOG2E
-            p = tl.exp2(q2 - tl.max(q2, axis=1)[:, None])
-            p = p / tl.sum(p, axis=1)[:, None]
-            a = tl.sum(p[:, None, :] * w, axis=2)  # (t, s)
+            p = softmax_rows(tl.load(qp, mask=tm[:, None], other=0.0))
+            a = diag_scores(p, gr, kr, z, safe, krow, skt, T - t0, c, DK, PREC)
             o = tl.dot(a, v, input_precision=PREC) + tl.dot(p * gate, S, input_precision=PREC)
             op = O + b.to(tl.int64) * sob + h * soh + t64[:, None] * sot + dv[None, :]
             tl.store(op, o.to(O.dtype.element_ty), mask=tm[:, None])
         r_next = tl.max(z, axis=0)  # z is non-decreasing in t: its last row
-        S = S * tl.exp2(r - r_next)[:, None] + tl.dot(tl.trans(tl.exp2(k2 - r_next[None, :])), v, input_precision=PREC)
+        S = S * tl.exp2(r - r_next)[:, None] + tl.dot(tl.trans(tl.exp2(k2 - r_next[None, :])), v,
+                                                      input_precision=PREC)
         r = r_next

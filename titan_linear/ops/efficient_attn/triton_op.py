@@ -9,16 +9,23 @@ On a machine without a GPU the same kernels run under Triton's interpreter
 (TRITON_INTERPRET=1 before the first import of triton), which is how CPU tests check them.
 """
 
+import os
+
 import torch
 import triton
 
 from .naive import check_qkv
 from .triton_bwd import bwd_key_kernel, bwd_query_kernel
-from .triton_common import LN2, LOG2E, chunk_scan_kernel
+from .triton_common import LN2_F, LOG2E_F, chunk_scan_kernel
 from .triton_fwd import chunk_output_kernel, chunk_summary_kernel
 
 CHUNK = 128  # positions per chunk: the unit of parallel work and of the carried state
-SUB_CHUNK = 16  # positions per exact masked block (the smallest Triton matrix product)
+# Positions per same-sub-chunk block (triton_diag.py): 16 is the smallest Triton matrix product;
+# larger blocks mean fewer, bigger products but fall back to the exact loop sooner.
+SUB_CHUNK = int(os.environ.get("TITAN_LINEAR_TRITON_SUB_CHUNK", "16"))
+# How far z may grow inside a sub-chunk (log2 units) before its block takes the exact loop
+# instead of products (triton_diag.py); a negative value forces the loop (tests use it).
+SPAN = float(os.environ.get("TITAN_LINEAR_TRITON_SPAN", "100"))
 SCAN_CHUNKS = 16  # chunks per step of the scan's parallel block
 HEAD_DIMS = (16, 32, 64, 128)
 
@@ -35,8 +42,9 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def _warps(dk: int, dv: int) -> int:
-    # The c × c × d block lives in registers: 4 warps hold it for d = 64 only with spills.
-    return 8 if max(dk, dv) >= 64 else 4
+    # A (d_k, d_v) fp32 state and several (c, d) tiles live in registers per program.
+    default = 8 if max(dk, dv) >= 128 else 4
+    return int(os.environ.get("TITAN_LINEAR_TRITON_WARPS", default))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -62,7 +70,7 @@ def _unit_stride(*xs: torch.Tensor) -> list[torch.Tensor]:
 
 def _chunk_z(lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log2 z at the end of each chunk and just before it (-inf before the first chunk)."""
-    z_end = torch.logcumsumexp(lse2.double() * LN2, dim=1).mul_(LOG2E).float()
+    z_end = torch.logcumsumexp(lse2.double() * LN2_F, dim=1).mul_(LOG2E_F).float()
     z_prev = torch.cat([torch.full_like(z_end[:, :1], float("-inf")), z_end[:, :-1]], dim=1)
     return z_end.contiguous(), z_prev.contiguous()
 
@@ -106,7 +114,7 @@ def efficient_attn_fwd(
     chunk_output_kernel[grid](
         q, k, v, o, s_end, z_prev, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v, PREC=_precision(q.dtype),
-        num_warps=warps,
+        SPAN=SPAN, num_warps=warps,
     )
     return o, s_end, z_end
 
@@ -143,7 +151,7 @@ def efficient_attn_bwd(
         q, k, v, do, dq, cdp, s_end, z_prev, refs, later,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v, PREC=_precision(q.dtype),
-        num_warps=warps,
+        SPAN=SPAN, num_warps=warps,
     )
     # Reverse scan: slot n receives chunk n + 1's summary, decayed from Z_{n+1} to Z_n.
     gate = torch.cat([torch.exp2(z_end[:, :-1] - z_end[:, 1:]), torch.zeros_like(z_end[:, :1])], dim=1)
@@ -154,7 +162,7 @@ def efficient_attn_bwd(
         q, k, v, do, cdp, z_end, refs, later, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
         seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v, PREC=_precision(q.dtype),
-        num_warps=warps,
+        SPAN=SPAN, num_warps=warps,
     )
     return dq, dk, dv
 
