@@ -8,10 +8,16 @@
 # Environment:
 #   NGPU         processes per node (default: the GPUs present, else 1)
 #   LOG_RANK     local ranks whose output is shown (default 0; e.g. 0,1)
-#   NNODES       nodes in the job (default 1); with NNODES > 1 also set
-#   NODE_RANK    this node's rank (informational: with c10d rendezvous torchrun assigns global
-#                ranks in join order), MASTER_ADDR and MASTER_PORT (rendezvous host:port)
+#   NNODES       nodes in the job (default 1); with NNODES > 1 also set MASTER_ADDR and
+#                MASTER_PORT (the rendezvous store's host:port, on node 0) and NODE_RANK
+#   NODE_RANK    this node's rank, 0..NNODES-1. When set, node 0 hosts the c10d rendezvous
+#                store (torchrun --rdzv_conf is_host=1) and the other nodes only connect to it
+#                (is_host=0), waiting up to read_timeout (60 s) for it to come up. Unset, every
+#                node whose address matches MASTER_ADDR tries to host it and the losers fall
+#                back to clients (torchrun's default; a race when nodes share a host). Global
+#                ranks are handed out in join order either way, not by NODE_RANK.
 #   RDZV_ID      rendezvous id shared by all nodes of one job (default titan_linear)
+#   RDZV_CONF    more torchrun rendezvous settings, key=value,... (e.g. join_timeout=1200,read_timeout=120)
 #   PYTHON       interpreter to use (default python3)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -40,8 +46,15 @@ ARGS=(--job.config_file "$CONFIG" "$@")
 
 if [[ $NNODES -gt 1 ]]; then
   : "${MASTER_ADDR:?set MASTER_ADDR for a multi-node run}" "${MASTER_PORT:?set MASTER_PORT for a multi-node run}"
+  RDZV_CONF=${RDZV_CONF:-}
+  if [[ -n ${NODE_RANK:-} ]]; then
+    [[ $NODE_RANK =~ ^[0-9]+$ && $NODE_RANK -lt $NNODES ]] ||
+      { echo "run_train.sh: NODE_RANK=$NODE_RANK: must be an integer in [0, NNODES=$NNODES)" >&2; exit 2; }
+    RDZV_CONF="is_host=$([[ $NODE_RANK -eq 0 ]] && echo 1 || echo 0)${RDZV_CONF:+,$RDZV_CONF}"
+  fi
   RDZV=(--nnodes "$NNODES" --node_rank "${NODE_RANK:-0}" --rdzv_backend c10d
-        --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "${RDZV_ID:-titan_linear}")
+        --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "${RDZV_ID:-titan_linear}"
+        ${RDZV_CONF:+--rdzv_conf "$RDZV_CONF"})
 else
   RDZV=(--nnodes 1 --rdzv_backend c10d --rdzv_endpoint "localhost:0")
 fi

@@ -1,8 +1,10 @@
 """Run under torchrun (2 ranks, gloo): FSDP2 over an OELM model with frozen and trainable
-weights in one block; records every reduce-scatter and prints one JSON line per rank."""
+weights in one block; records every reduce-scatter and writes one JSON file per rank,
+OUT_DIR/rank<r>.json (argv[1]: the ranks share a stdout, where records could interleave)."""
 
 import json
-import os
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -61,7 +63,7 @@ def main():
                                 for n, p in model.named_parameters() if n in frozen_before),
         "frozen_names": sorted(frozen_before),
     }
-    print("RESULT " + json.dumps(out), flush=True)
+    Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(out))
     dist.destroy_process_group()
 
 

@@ -6,7 +6,9 @@ on two cores. Run with `pytest -q tests/integration -m integration`.
 """
 
 import os
+import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -57,28 +59,44 @@ def _env(**extra) -> dict:
                      "LOG_RANK", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                      "TORCHELASTIC_RUN_ID", "TITAN_LINEAR_NO_CPU_SHIM")
     }
-    env.update(PYTHON=sys.executable, NGPU="1", LOG_RANK="0", PYTHONUNBUFFERED="1")
+    # PYTHONFAULTHANDLER: a process sent SIGABRT (by _dump_stacks, on a timeout) first writes
+    # the Python stacks of all its threads to its stderr.
+    env.update(PYTHON=sys.executable, NGPU="1", LOG_RANK="0", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
+def _no_core_dumps() -> None:
+    """Popen preexec_fn: the SIGABRT of _dump_stacks must not leave core files behind."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
 def _run(args, env=None, timeout=RUN_TIMEOUT, merge=True) -> subprocess.CompletedProcess:
-    """Run run_train.sh (or any argv when args[0] is not an option) to completion."""
+    """Run run_train.sh (or any argv when args[0] is not an option) to completion.
+
+    On a timeout the test fails with the tail of the output, which ends with the Python stacks
+    of every process of the run (_dump_stacks); the whole process tree is killed, workers too."""
     argv = args if args and not args[0].startswith("-") else [RUN_TRAIN, *args]
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         argv,
         cwd=REPO,
         env=env or _env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT if merge else subprocess.PIPE,
         text=True,
-        timeout=timeout,
         start_new_session=True,
+        preexec_fn=_no_core_dumps,
     )
-    proc.stdout = _strip(proc.stdout or "")
-    if not merge:
-        proc.stderr = _strip(proc.stderr or "")
-    return proc
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _dump_stacks(proc)
+        _kill_tree(proc)
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, argv))}\n"
+                    f"{_tail(_strip((out or '') + (err or '')), 120)}", pytrace=False)
+    return subprocess.CompletedProcess(argv, proc.returncode, _strip(out or ""),
+                                       None if merge else _strip(err or ""))
 
 
 def _losses(log: str, rank: int | None = 0) -> dict[int, tuple[float, float]]:
@@ -97,10 +115,40 @@ def _tail(text: str, n: int = 60) -> str:
     return "\n".join(text.splitlines()[-n:])
 
 
+def _listening(port: int) -> bool:
+    """Whether a TCP socket on this machine listens on `port` (read from /proc/net: no connection
+    is made, so nothing is disturbed)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                return True
+    return False
+
+
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range: no outgoing connection can take it before
+    torchrun binds it, and a client that retries connecting to it cannot connect to itself (a TCP
+    self-connect needs the port to be one the kernel hands out as a source port)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(10000, max(low, 20000))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        if not _listening(port):
+            return port
+    raise AssertionError("no free TCP port found in 200 tries")
 
 
 def _ckpt_args(dump: Path, steps: int = 12, interval: int | None = None) -> list[str]:
@@ -220,6 +268,24 @@ def _kill_tree(proc: subprocess.Popen) -> None:
             pass
 
 
+def _dump_stacks(proc: subprocess.Popen) -> None:
+    """SIGABRT every process of `proc`'s tree so that each writes its Python stacks to its stderr
+    (PYTHONFAULTHANDLER=1, see _env) before dying: where a hung run was stuck. The deepest
+    processes (the workers) go first, while torchrun still lives to copy their stderr to its own;
+    then torchrun itself."""
+    def abort(pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGABRT)
+        except ProcessLookupError:
+            pass
+
+    for pid in reversed(_descendants(proc.pid)):
+        abort(pid)
+    time.sleep(3)
+    abort(proc.pid)
+    time.sleep(2)
+
+
 def _zombie(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -241,6 +307,7 @@ def _run_until_checkpoint(args, dump: Path, step: int, timeout=RUN_TIMEOUT) -> t
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group
+        preexec_fn=_no_core_dumps,
     )
     lines: list[str] = []
     t = threading.Thread(target=lambda: lines.extend(_strip(l) for l in proc.stdout), daemon=True)
@@ -257,6 +324,7 @@ def _run_until_checkpoint(args, dump: Path, step: int, timeout=RUN_TIMEOUT) -> t
             time.sleep(0.01)
     finally:
         if proc.poll() is None and not killed:
+            _dump_stacks(proc)
             _kill_tree(proc)
         proc.wait(timeout=60)
         t.join(timeout=30)
@@ -324,33 +392,103 @@ def test_resume_with_other_layer_map_fails(run_a, tmp_path):
 # --------------------------------------------------------------------------------------
 
 
+# Milestones of a run in one node's log (torchrun's own lines need LOGLEVEL=INFO), in order,
+# with what reaching one (and no later one) means.
+_STAGES = (
+    ("config OK", "config checked, torchrun started: in the rendezvous"),
+    ("Rendezvous complete for workers", "rendezvous done: the worker is starting (process group, model)"),
+    ("Training starts at step", "the worker is training"),
+    ("worker group successfully finished",
+     "the worker exited 0: torchrun is in its exit barrier, waiting for the other node's torchrun"),
+    ("Done waiting for other agents", "past the exit barrier: torchrun is closing the rendezvous and exiting"),
+)
+NODE_SKEW = 90  # seconds one node may outlive the other before it counts as hung
+
+
+def _stage(log: str) -> str:
+    """Where a node's run got to, from its log."""
+    reached = [i for i, (marker, _) in enumerate(_STAGES) if marker in log]
+    where = _STAGES[max(reached)][1] if reached else "before the config check passed"
+    steps = _losses(log, rank=0)
+    where += f"; last step logged: {max(steps)}" if steps else "; no step logged"
+    return where + ("; 'Training completed' logged" if "Training completed" in log else "")
+
+
+def _wait_all(procs: list[subprocess.Popen], deadline: float) -> str | None:
+    """Wait for every process; None when all exited, else why the wait stopped: the deadline,
+    or a node still running NODE_SKEW s after another exited (the nodes train in lockstep)."""
+    first_exit = None
+    while any(p.poll() is None for p in procs):
+        now = time.monotonic()
+        done = [n for n, p in enumerate(procs) if p.poll() is not None]
+        if done and first_exit is None:
+            first_exit = (now, done[0])
+        if now > deadline:
+            return f"timed out after {RUN_TIMEOUT} s"
+        if first_exit and now - first_exit[0] > NODE_SKEW:
+            return f"still running {NODE_SKEW} s after node {first_exit[1]} exited"
+        time.sleep(0.2)
+    return None
+
+
+def _nodes_report(what: str, states: list[str], logs: list[str], before: list[str] | None = None) -> str:
+    """One message on all nodes: state and stage, the last 40 lines of each log and, after a
+    timeout, the Python stacks each node's processes wrote when aborted (the log after `before`)."""
+    before = before or logs
+    out = [what]
+    for node, (state, log) in enumerate(zip(states, before)):
+        out.append(f"node {node}: {state}; {_stage(log)}")
+    for node, log in enumerate(logs):
+        stacks = log[len(before[node]):]
+        out += [f"----- node {node}: last 40 lines -----", _tail(before[node], 40)]
+        if stacks.strip():
+            out += [f"----- node {node}: Python stacks at the timeout -----", _tail(stacks, 150)]
+    return "\n".join(out)
+
+
 def test_two_nodes_localhost(tmp_path):
     port = _free_port()
     dump = tmp_path / "dump"
     args = [RUN_TRAIN, *SMALL, "--training.steps", "4", "--job.dump_folder", str(dump)]
-    procs, files = [], []
-    for node in (0, 1):
-        f = open(tmp_path / f"node{node}.log", "w+")
-        files.append(f)
-        env = _env(NNODES=2, NODE_RANK=node, MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                   NGPU=1, RDZV_ID=f"titan_linear_test_{port}")
-        procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                      text=True, start_new_session=True))
+    paths = [tmp_path / f"node{node}.log" for node in (0, 1)]
+
+    def read() -> list[str]:
+        return [_strip(p.read_text(errors="replace")) for p in paths]
+
+    procs: list[subprocess.Popen] = []
+    deadline = time.monotonic() + RUN_TIMEOUT
+    problem, states, before = None, [], None
     try:
-        for p in procs:
-            p.wait(timeout=RUN_TIMEOUT)
+        for node, path in enumerate(paths):
+            env = _env(NNODES=2, NODE_RANK=node, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NGPU=1,
+                       RDZV_ID=f"titan_linear_test_{port}", LOGLEVEL="INFO")
+            with open(path, "w") as f:
+                procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                              start_new_session=True, preexec_fn=_no_core_dumps))
+            if node == 0:
+                # Node 0 hosts the rendezvous store (run_train.sh: is_host=1); node 1 starts once it listens.
+                while not _listening(port) and procs[0].poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if not _listening(port):
+                    problem = f"node 0 never listened on the rendezvous port {port}"
+                    break
+        problem = problem or _wait_all(procs, deadline)
+        states = [f"exit code {p.returncode}" if p.poll() is not None else "still running" for p in procs]
+        if problem:
+            before = read()
+            for p in procs:
+                if p.poll() is None:
+                    _dump_stacks(p)
     finally:
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    logs = []
-    for f in files:
-        f.seek(0)
-        logs.append(_strip(f.read()))
-        f.close()
-    for node, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"node {node}:\n{_tail(log)}"
+                _kill_tree(p)
+            p.wait(timeout=60)
+    logs = read()
+    states += ["not started"] * (2 - len(states))
+    assert not problem, _nodes_report(f"two-node run: {problem}", states, logs, before)
+    for node, p in enumerate(procs):
+        assert p.returncode == 0, _nodes_report(f"two-node run: node {node} failed", states, logs)
     # Each node shows its local rank 0 (LOG_RANK=0). With the c10d rendezvous torchrun
     # ignores NODE_RANK ("node_rank is only used for static rdzv_backend") and hands out
     # global ranks in join order, so either node may hold global rank 0; torchtitan logs
