@@ -1,0 +1,231 @@
+"""Summarise the benchmark results: SUMMARY.md and PNG plots beside the JSON files.
+
+    python benchmarks/report.py --results benchmarks/results
+
+Reads whichever of these the folder holds (any suffix, e.g. attention_h100.json):
+- attention_*.json (benchmarks/attention.py): ms and peak GiB of fwd+bwd by T for each impl
+  and head dim, and each impl's speed-up over sdpa (sdpa ms / impl ms: above 1 is faster);
+- e2e_*.json (benchmarks/e2e_train.py): tokens/s, MFU and peak memory per config and seq_len,
+  and each config's tokens/s relative to the baseline config (--baseline) at the same seq_len;
+- inference_*.json (benchmarks/inference.py): prefill ms, decode ms per token, cache and peak
+  GiB by context for each linear-attention ratio.
+A measurement present twice in one file (e2e_train.py appends to its file) counts once: the
+last row wins. Plots are log-log and need matplotlib (pip install -e '.[bench]'); without it
+SUMMARY.md is still written and one line says the plots were skipped.
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+KINDS = ("attention", "e2e", "inference")
+
+
+def fmt(v, digits: int = 3) -> str:
+    """`v` to about `digits` significant digits, thousands separated, never in e-notation."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if v == 0:
+        return "0"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(v))))
+    return f"{v:,.{decimals}f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def latest(rows: list[dict], *keys: str) -> dict[tuple, dict]:
+    """{(row[k] for k in keys): row}, the last row winning, in first-seen order."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        out[tuple(r.get(k) for k in keys)] = r
+    return out
+
+
+def devices(rows: list[dict]) -> str:
+    names = sorted({r["device"] for r in rows if r.get("device")})
+    return ", ".join(names) or "device not recorded"
+
+
+def error_lines(errors: list[str]) -> list[str]:
+    return ["", "Failed:", *[f"- {e}" for e in errors]] if errors else []
+
+
+def attention_section(name: str, rows: list[dict]) -> tuple[list[str], list[dict]]:
+    cells = latest(rows, "impl", "head_dim", "T")
+    impls = list(dict.fromkeys(r["impl"] for r in cells.values()))
+    others = [i for i in impls if i != "sdpa"]
+    out = [f"## Attention fwd+bwd ({name}.json)", "", f"Device: {devices(rows)}. Speed-up: sdpa ms / impl ms."]
+    time_lines, mem_lines, errors = [], [], []
+    for d in sorted({r["head_dim"] for r in cells.values()}):
+        ts = sorted({r["T"] for r in cells.values() if r["head_dim"] == d})
+        body = []
+        for t in ts:
+            at = {i: cells.get((i, d, t)) for i in impls}
+            batch = next(r for r in at.values() if r)["batch"]
+            ms = {i: (r or {}).get("ms") for i, r in at.items()}
+            row = [str(t), str(batch)]
+            row += [fmt(ms[i]) if ms[i] is not None else ("error" if at[i] else "—") for i in impls]
+            row += [f"{ms['sdpa'] / ms[i]:.2f}×" if ms.get("sdpa") and ms[i] else "—" for i in others]
+            row += [fmt((at[i] or {}).get("peak_gib")) if at[i] and "ms" in at[i] else "—" for i in impls]
+            body.append(row)
+            errors += [f"{i} T={t} head_dim={d}: {r['error']}" for i, r in at.items() if r and "error" in r]
+        heads = next(r["heads"] for r in cells.values() if r["head_dim"] == d)
+        header = ["T", "batch", *[f"{i} ms" for i in impls], *[f"{i} vs sdpa" for i in others],
+                  *[f"{i} GiB" for i in impls]]
+        out += ["", f"head_dim {d}, {heads} heads:", "", *table(header, body)]
+        label = (lambda i: f"{i} D={d}") if len({r["head_dim"] for r in cells.values()}) > 1 else (lambda i: i)
+        for i in impls:
+            ok = [cells[(i, d, t)] for t in ts if "ms" in cells.get((i, d, t), {})]
+            time_lines.append((label(i), [r["T"] for r in ok], [r["ms"] for r in ok], "-", label(i)))
+            mem_lines.append((label(i), [r["T"] for r in ok], [r["peak_gib"] for r in ok], "-", label(i)))
+    plots = [
+        dict(file=f"{name}_time.png", title=f"attention fwd+bwd time, {devices(rows)}", xlabel="T (tokens per sequence)",
+             ylabel="ms per call", lines=time_lines),
+        dict(file=f"{name}_memory.png", title=f"attention fwd+bwd peak memory, {devices(rows)}", xlabel="T (tokens per sequence)",
+             ylabel="peak GiB", lines=mem_lines),
+    ]
+    return out + error_lines(errors), plots
+
+
+def e2e_section(name: str, rows: list[dict], baseline: str) -> tuple[list[str], list[dict]]:
+    cells = latest(rows, "config", "seq_len")
+    base = {s: r.get("tokens_per_s") for (c, s), r in cells.items() if c == baseline}
+    body, errors = [], []
+    for (config, seq), r in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0] != baseline, kv[0][0])):
+        tps = r.get("tokens_per_s")
+        ratio = f"{tps / base[seq]:.2f}" if tps and base.get(seq) else "—"
+        if "error" in r or r.get("returncode", 0) != 0:
+            err = r.get("error", "")
+            errors.append(f"{config} seq_len {seq}: {err[-1] if isinstance(err, list) and err else err}")
+        mfu = r.get("mfu")
+        body.append([config, str(seq), str(r.get("local_batch_size", "")), f"{tps:,.0f}" if tps else "failed",
+                     f"{mfu:.1f}%" if mfu is not None else "—", fmt(r.get("peak_gib")), ratio,
+                     fmt(r.get("final_loss"), 4)])
+    header = ["config", "seq_len", "batch", "tokens/s", "MFU", "peak GiB", f"tokens/s vs {baseline}", "final loss"]
+    out = [f"## End-to-end training ({name}.json)", "", f"Device: {devices(rows)}.", "", *table(header, body)]
+    return out + error_lines(errors), []
+
+
+def inference_section(name: str, rows: list[dict]) -> tuple[list[str], list[dict]]:
+    cells = latest(rows, "config", "ratio", "context")
+    configs = list(dict.fromkeys(c for c, _, _ in cells))
+    out = [f"## Inference ({name}.json)", "", f"Device: {devices(rows)}."]
+    decode, memory, errors = [], [], []
+    for config in configs:
+        body = []
+        for ratio in sorted({r for c, r, _ in cells if c == config}):
+            pts = sorted((ctx, row) for (c, r, ctx), row in cells.items() if c == config and r == ratio)
+            for ctx, row in pts:
+                if "error" in row:
+                    errors.append(f"{config} ratio {ratio} context {ctx}: {row['error']}")
+                body.append([str(ratio), str(ctx), fmt(row.get("prefill_ms")), fmt(row.get("decode_ms_per_token")),
+                             fmt(row.get("cache_gib")), fmt(row.get("peak_gib"))])
+            ok = [(ctx, row) for ctx, row in pts if row.get("decode_ms_per_token") is not None]
+            label = f"ratio {ratio}" if len(configs) == 1 else f"{config} ratio {ratio}"
+            xs = [c for c, _ in ok]
+            decode.append((label, xs, [r["decode_ms_per_token"] for _, r in ok], "-", label))
+            memory.append((f"{label} cache", xs, [r.get("cache_gib") for _, r in ok], "-", label))
+            memory.append((f"{label} peak", xs, [r.get("peak_gib") for _, r in ok], "--", label))
+        header = ["ratio", "context", "prefill ms", "decode ms/token", "cache GiB", "peak GiB"]
+        out += ["", f"{config}:", "", *table(header, body)]
+    plots = [
+        dict(file=f"{name}_decode.png", title=f"decode latency, {devices(rows)}", xlabel="context (tokens)",
+             ylabel="ms per token", lines=decode),
+        dict(file=f"{name}_memory.png", title=f"inference memory (solid: cache, dashed: peak), {devices(rows)}",
+             xlabel="context (tokens)", ylabel="GiB", lines=memory),
+    ]
+    return out + error_lines(errors), plots
+
+
+def draw(plots: list[dict], folder: Path) -> list[str]:
+    """Write each plot; returns the files written. Raises ImportError without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    written = []
+    for p in plots:
+        # each line: (label, xs, ys, line style, colour group)
+        lines = [line for line in p["lines"] if line[1] and None not in line[2]]
+        if not lines:
+            continue
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        colors: dict[str, str] = {}
+        for label, xs, ys, style, group in lines:
+            color = colors.setdefault(group, f"C{len(colors) % 10}")
+            ax.plot(xs, ys, style, marker="o", color=color, label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        xs = sorted({x for line in lines for x in line[1]})
+        ax.set_xticks(xs, [f"{x:,}" for x in xs])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel(p["xlabel"])
+        ax.set_ylabel(p["ylabel"])
+        ax.set_title(p["title"], fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / p["file"], dpi=120)
+        plt.close(fig)
+        written.append(p["file"])
+    return written
+
+
+def render(folder: Path, baseline: str = "llama3_1b") -> tuple[Path, str | None]:
+    """Write folder/SUMMARY.md (and the plots when matplotlib is present).
+
+    Returns the summary's path and, when plots were skipped, why."""
+    sections, plots = [], []
+    for kind in KINDS:
+        for path in sorted(folder.glob(f"{kind}_*.json")):
+            rows = json.loads(path.read_text())
+            if kind == "attention":
+                lines, p = attention_section(path.stem, rows)
+            elif kind == "e2e":
+                lines, p = e2e_section(path.stem, rows, baseline)
+            else:
+                lines, p = inference_section(path.stem, rows)
+            sections.append((lines, p))
+            plots += p
+    skipped = None
+    written: list[str] = []
+    try:
+        written = draw(plots, folder)
+    except ImportError:
+        skipped = "matplotlib is not installed (pip install -e '.[bench]')"
+    md = ["# Benchmark summary", "", "Generated by `python benchmarks/report.py` from the JSON files in this folder."]
+    if not sections:
+        md += ["", "No attention_*.json, e2e_*.json or inference_*.json here yet."]
+    for lines, p in sections:
+        md += ["", *lines]
+        md += [f"\n![{f}]({f})" for f in (q["file"] for q in p) if f in written]
+    out = folder / "SUMMARY.md"
+    out.write_text("\n".join(md) + "\n")
+    return out, skipped
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"),
+                    help="folder with the JSON files; SUMMARY.md and the plots are written there")
+    ap.add_argument("--baseline", default="llama3_1b", help="e2e config the others are compared with")
+    a = ap.parse_args()
+    folder = Path(a.results)
+    if not folder.is_dir():
+        ap.error(f"--results {a.results}: not a directory")
+    out, skipped = render(folder, a.baseline)
+    print(f"wrote {out}")
+    if skipped:
+        print(f"report.py: plots skipped: {skipped}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The benchmark suite on a GPU machine, then benchmarks/report.py (SUMMARY.md and plots):
+#
+#   benchmarks/run_suite.sh
+#   SUITE="attention inference" OUT=/tmp/bench TAG=h200 benchmarks/run_suite.sh
+#
+# Environment:
+#   SUITE         parts to run, in order (default "attention e2e inference")
+#   OUT           results folder (default benchmarks/results): <part>_<TAG>.json, SUMMARY.md, PNGs
+#   TAG           suffix of the JSON files (default h100)
+#   ATTN_IMPLS    impls for attention.py (default: its own --impls default, which names every
+#                 impl worth timing; e.g. ATTN_IMPLS="sdpa titan_triton torch_chunked_eager")
+#   E2E_CONFIGS   configs for e2e_train.py (default "llama3_1b llama3_1b_linear_0.50"); e2e_train.py
+#                 appends to its file and the report keeps the last row of each config and seq_len
+#   ATTN_ARGS, E2E_ARGS, INFER_ARGS   extra arguments for each script (e.g. E2E_ARGS="--steps 50")
+#   PYTHON        interpreter (default python3)
+# A part that fails does not stop the others; the exit status is 1 if any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-benchmarks/results}
+TAG=${TAG:-h100}
+mkdir -p "$OUT"
+failed=""
+
+for part in ${SUITE:-attention e2e inference}; do
+  echo "run_suite.sh: $part" >&2
+  case $part in
+    attention)
+      "$PYTHON" benchmarks/attention.py --out "$OUT/attention_$TAG.json" ${ATTN_IMPLS:+--impls $ATTN_IMPLS} \
+        ${ATTN_ARGS:-} ;;
+    e2e)
+      device=$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name())')
+      "$PYTHON" benchmarks/e2e_train.py --configs ${E2E_CONFIGS:-llama3_1b llama3_1b_linear_0.50} \
+        --out "$OUT/e2e_$TAG.json" --device "$device" ${E2E_ARGS:-} ;;
+    inference)
+      if [[ ! -f benchmarks/inference.py ]]; then
+        echo "run_suite.sh: benchmarks/inference.py does not exist yet: inference skipped" >&2
+        continue
+      fi
+      "$PYTHON" benchmarks/inference.py --out "$OUT/inference_$TAG.json" ${INFER_ARGS:-} ;;
+    *) echo "run_suite.sh: unknown part '$part' in SUITE (allowed: attention e2e inference)" >&2; exit 2 ;;
+  esac || failed+=" $part"
+done
+
+"$PYTHON" benchmarks/report.py --results "$OUT" || failed+=" report"
+if [[ -n $failed ]]; then
+  echo "run_suite.sh: failed:$failed" >&2
+  exit 1
+fi

@@ -1,0 +1,104 @@
+"""benchmarks/report.py renders SUMMARY.md (and plots, with matplotlib) from result JSON files."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "report.py"
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+
+DEV = "Test GPU"
+ATTENTION = [
+    {"impl": "sdpa", "T": 1024, "batch": 8, "heads": 4, "head_dim": 64, "device": DEV, "ms": 10.0, "peak_gib": 0.5},
+    {"impl": "chunked", "T": 1024, "batch": 8, "heads": 4, "head_dim": 64, "device": DEV, "ms": 4.0, "peak_gib": 1.25},
+    {"impl": "sdpa", "T": 4096, "batch": 2, "heads": 4, "head_dim": 64, "device": DEV, "ms": 30.0, "peak_gib": 0.5},
+    {"impl": "chunked", "T": 4096, "batch": 2, "heads": 4, "head_dim": 64, "device": DEV,
+     "error": "OutOfMemoryError: CUDA out of memory"},
+]
+E2E = [
+    # a failed first attempt, then the rerun that replaces it (the last row wins)
+    {"config": "llama3_1b", "seq_len": 2048, "local_batch_size": 4, "returncode": 1, "error": ["boom"]},
+    {"config": "llama3_1b", "seq_len": 2048, "local_batch_size": 4, "returncode": 0,
+     "tokens_per_s": 40000, "mfu": 40.07, "peak_gib": 26.33, "final_loss": 5.34603, "device": DEV},
+    {"config": "llama3_1b_linear_0.50", "seq_len": 2048, "local_batch_size": 4, "returncode": 0,
+     "tokens_per_s": 30000, "mfu": 31.3, "peak_gib": 20.0, "final_loss": 5.25074, "device": DEV},
+    {"config": "llama3_1b_linear_0.50", "seq_len": 8192, "local_batch_size": 1, "returncode": 0,
+     "tokens_per_s": 35000, "mfu": 34.27, "peak_gib": 21.0, "final_loss": 5.2, "device": DEV},
+]
+INFERENCE = [
+    {"config": "llama3_1b", "ratio": r, "context": c, "prefill_ms": 1.5 * c / 1024, "decode_ms_per_token": 7.25 + r,
+     "cache_gib": 0.125 * c / 1024 * (1 - r) + 0.01, "peak_gib": 3.0, "device": DEV}
+    for r in (0.0, 0.5) for c in (1024, 4096)
+]
+
+
+def _write(folder: Path, **files) -> None:
+    for name, rows in files.items():
+        (folder / f"{name}.json").write_text(json.dumps(rows))
+
+
+def _run(folder: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(REPORT), "--results", str(folder)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def _rows(md: str, first_cell: str) -> list[list[str]]:
+    """Cells of the markdown table rows whose first cell is `first_cell`."""
+    out = []
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            out.append(cells)
+    return out
+
+
+def test_report_tables(tmp_path):
+    _write(tmp_path, attention_h100=ATTENTION, e2e_h100=E2E, inference_h100=INFERENCE)
+    proc = _run(tmp_path)
+    md = (tmp_path / "SUMMARY.md").read_text()
+
+    # attention: T | batch | sdpa ms | chunked ms | chunked vs sdpa | sdpa GiB | chunked GiB
+    assert "| T | batch | sdpa ms | chunked ms | chunked vs sdpa | sdpa GiB | chunked GiB |" in md
+    assert _rows(md, "1024") == [["1024", "8", "10.0", "4.00", "2.50×", "0.500", "1.25"]]
+    assert _rows(md, "4096")[0] == ["4096", "2", "30.0", "error", "—", "0.500", "—"]
+    assert "chunked T=4096 head_dim=64: OutOfMemoryError: CUDA out of memory" in md
+
+    # e2e: tokens/s relative to llama3_1b at the same seq_len; no baseline at 8192
+    assert _rows(md, "llama3_1b") == [["llama3_1b", "2048", "4", "40,000", "40.1%", "26.3", "1.00", "5.346"]]
+    assert _rows(md, "llama3_1b_linear_0.50") == [
+        ["llama3_1b_linear_0.50", "2048", "4", "30,000", "31.3%", "20.0", "0.75", "5.251"],
+        ["llama3_1b_linear_0.50", "8192", "1", "35,000", "34.3%", "21.0", "—", "5.200"],
+    ]
+    assert "boom" not in md  # the failed row was replaced by its rerun
+
+    # inference: ratio | context | prefill ms | decode ms/token | cache GiB | peak GiB
+    assert _rows(md, "0.0") == [["0.0", "1024", "1.50", "7.25", "0.135", "3.00"],
+                                ["0.0", "4096", "6.00", "7.25", "0.510", "3.00"]]
+    assert _rows(md, "0.5")[1] == ["0.5", "4096", "6.00", "7.75", "0.260", "3.00"]
+
+    pngs = {"attention_h100_time.png", "attention_h100_memory.png", "inference_h100_decode.png",
+            "inference_h100_memory.png"}
+    if not HAS_MPL:
+        assert "plots skipped: matplotlib is not installed" in proc.stdout
+        pytest.skip("matplotlib is not installed: tables checked, plots not")
+    for name in pngs:
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+        assert f"![{name}]({name})" in md
+
+
+def test_report_reads_whichever_files_exist(tmp_path):
+    _write(tmp_path, e2e_h100=E2E[1:3])
+    proc = _run(tmp_path)
+    md = (tmp_path / "SUMMARY.md").read_text()
+    assert "## End-to-end training (e2e_h100.json)" in md
+    assert "Attention" not in md and "Inference" not in md
+    assert _rows(md, "llama3_1b_linear_0.50")[0][6] == "0.75"
+    assert not list(tmp_path.glob("*.png"))  # e2e has no plots
+    assert "Traceback" not in proc.stderr
