@@ -83,10 +83,11 @@ def attention_section(name: str, rows: list[dict]) -> tuple[list[str], list[dict
             ok = [cells[(i, d, t)] for t in ts if "ms" in cells.get((i, d, t), {})]
             time_lines.append((label(i), [r["T"] for r in ok], [r["ms"] for r in ok], "-", label(i)))
             mem_lines.append((label(i), [r["T"] for r in ok], [r["peak_gib"] for r in ok], "-", label(i)))
+    xlabel = "T (tokens per sequence)"
     plots = [
-        dict(file=f"{name}_time.png", title=f"attention fwd+bwd time, {devices(rows)}", xlabel="T (tokens per sequence)",
+        dict(file=f"{name}_time.png", title=f"attention fwd+bwd time, {devices(rows)}", xlabel=xlabel,
              ylabel="ms per call", lines=time_lines),
-        dict(file=f"{name}_memory.png", title=f"attention fwd+bwd peak memory, {devices(rows)}", xlabel="T (tokens per sequence)",
+        dict(file=f"{name}_memory.png", title=f"attention fwd+bwd peak memory, {devices(rows)}", xlabel=xlabel,
              ylabel="peak GiB", lines=mem_lines),
     ]
     return out + error_lines(errors), plots
