@@ -54,8 +54,12 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--head-dims", type=int, nargs="+", default=[64])
-    ap.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536])
+    # torch.compile of the chunked path takes minutes per new shape (its scan unrolls log2(T/64)
+    # levels): time it at the short lengths only.
+    ap.add_argument("--compiled-max-T", type=int, default=4096,
+                    help="longest T at which torch_chunked (compiled) is timed; default 4096")
     ap.add_argument("--impls", nargs="+", default=["sdpa", "titan_triton", "torch_chunked"])
     ap.add_argument("--rep-ms", type=int, default=200)
     a = ap.parse_args()
@@ -71,6 +75,8 @@ def main() -> int:
         for T in a.seq_lens:
             B = max(1, a.tokens // T)
             for name in a.impls:
+                if name == "torch_chunked" and T > a.compiled_max_T:
+                    continue
                 row = {"impl": name, "T": T, "batch": B, "heads": a.heads, "head_dim": D, "device": device}
                 try:
                     ms, peak = bench(impls[name], B, a.heads, T, D, a.rep_ms)

@@ -5,12 +5,15 @@
 #   SUITE="attention inference" OUT=/tmp/bench TAG=h200 benchmarks/run_suite.sh
 #
 # Environment:
-#   SUITE         parts to run, in order (default "attention e2e inference")
+#   SUITE         parts to run, in order (default "tune attention e2e inference"); "tune" times the
+#                 Triton kernels' sub-chunk size and warps (TITAN_LINEAR_TRITON_SUB_CHUNK / _WARPS)
+#                 at T = 8192 into tune_<TAG>.json: set the best as the defaults in triton_op.py
 #   OUT           results folder (default benchmarks/results): <part>_<TAG>.json, SUMMARY.md, PNGs
 #   TAG           suffix of the JSON files (default h100)
 #   ATTN_IMPLS    impls for attention.py (default: its own --impls default, which names every
 #                 impl worth timing; e.g. ATTN_IMPLS="sdpa titan_triton torch_chunked_eager")
-#   E2E_CONFIGS   configs for e2e_train.py (default "llama3_1b llama3_1b_linear_0.50"); e2e_train.py
+#   E2E_CONFIGS   configs for e2e_train.py (default "llama3_1b llama3_1b_linear_0.50
+#                 llama3_1b_linear_1.00", at seq_len:batch 2048:4 8192:1 32768:1); e2e_train.py
 #                 appends to its file and the report keeps the last row of each config and seq_len
 #   ATTN_ARGS, E2E_ARGS, INFER_ARGS   extra arguments for each script (e.g. E2E_ARGS="--steps 50")
 #   PYTHON        interpreter (default python3)
@@ -23,23 +26,40 @@ TAG=${TAG:-h100}
 mkdir -p "$OUT"
 failed=""
 
-for part in ${SUITE:-attention e2e inference}; do
+for part in ${SUITE:-tune attention e2e inference}; do
   echo "run_suite.sh: $part" >&2
   case $part in
+    tune)
+      rm -f "$OUT/tune_$TAG.json"
+      for cfg in 16:4 16:8 32:4 32:8 64:8; do
+        TITAN_LINEAR_TRITON_SUB_CHUNK=${cfg%:*} TITAN_LINEAR_TRITON_WARPS=${cfg#*:} "$PYTHON" - "$OUT/tune_$TAG.json" "$cfg" <<'PY'
+import json, os, subprocess, sys
+out, cfg = sys.argv[1], sys.argv[2]
+tmp = out + ".part"
+subprocess.run([sys.executable, "benchmarks/attention.py", "--impls", "titan_triton", "--seq-lens", "8192",
+                "--head-dims", "64", "128", "--rep-ms", "50", "--out", tmp], check=True)
+rows = json.load(open(out)) if os.path.exists(out) else []
+for r in json.load(open(tmp)):
+    r["sub_chunk"], r["warps"] = (int(x) for x in cfg.split(":"))
+    rows.append(r)
+json.dump(rows, open(out, "w"), indent=1)
+os.remove(tmp)
+PY
+      done ;;
     attention)
       "$PYTHON" benchmarks/attention.py --out "$OUT/attention_$TAG.json" ${ATTN_IMPLS:+--impls $ATTN_IMPLS} \
         ${ATTN_ARGS:-} ;;
     e2e)
       device=$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name())')
-      "$PYTHON" benchmarks/e2e_train.py --configs ${E2E_CONFIGS:-llama3_1b llama3_1b_linear_0.50} \
-        --out "$OUT/e2e_$TAG.json" --device "$device" ${E2E_ARGS:-} ;;
+      "$PYTHON" benchmarks/e2e_train.py --configs ${E2E_CONFIGS:-llama3_1b llama3_1b_linear_0.50 llama3_1b_linear_1.00} \
+        --seq-lens 2048:4 8192:1 32768:1 --out "$OUT/e2e_$TAG.json" --device "$device" ${E2E_ARGS:-} ;;
     inference)
       if [[ ! -f benchmarks/inference.py ]]; then
         echo "run_suite.sh: benchmarks/inference.py does not exist yet: inference skipped" >&2
         continue
       fi
       "$PYTHON" benchmarks/inference.py --out "$OUT/inference_$TAG.json" ${INFER_ARGS:-} ;;
-    *) echo "run_suite.sh: unknown part '$part' in SUITE (allowed: attention e2e inference)" >&2; exit 2 ;;
+    *) echo "run_suite.sh: unknown part '$part' in SUITE (allowed: tune attention e2e inference)" >&2; exit 2 ;;
   esac || failed+=" $part"
 done
 
