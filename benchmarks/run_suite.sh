@@ -6,8 +6,8 @@
 #
 # Environment:
 #   SUITE         parts to run, in order (default "tune attention e2e inference"); "tune" times the
-#                 Triton kernels' sub-chunk size and warps (TITAN_LINEAR_TRITON_SUB_CHUNK / _WARPS)
-#                 at T = 8192 into tune_<TAG>.json: set the best as the defaults in triton_op.py
+#                 Triton kernels' chunk, sub-chunk and warps (TITAN_LINEAR_TRITON_CHUNK / _SUB_CHUNK
+#                 / _WARPS) at T = 8192 into tune_<TAG>.json: set the best as triton_op.py's defaults
 #   OUT           results folder (default benchmarks/results): <part>_<TAG>.json, SUMMARY.md, PNGs
 #   TAG           suffix of the JSON files (default h100)
 #   ATTN_IMPLS    impls for attention.py (default: its own --impls default, which names every
@@ -31,8 +31,10 @@ for part in ${SUITE:-tune attention e2e inference}; do
   case $part in
     tune)
       rm -f "$OUT/tune_$TAG.json"
-      for cfg in 16:4 16:8 32:4 32:8 64:8; do
-        TITAN_LINEAR_TRITON_SUB_CHUNK=${cfg%:*} TITAN_LINEAR_TRITON_WARPS=${cfg#*:} "$PYTHON" - "$OUT/tune_$TAG.json" "$cfg" <<'PY'
+      for cfg in 128:16:4 128:16:8 128:32:8 256:16:8 256:32:8 128:64:8; do
+        IFS=: read -r chunk sub warps <<< "$cfg"
+        TITAN_LINEAR_TRITON_CHUNK=$chunk TITAN_LINEAR_TRITON_SUB_CHUNK=$sub TITAN_LINEAR_TRITON_WARPS=$warps \
+          "$PYTHON" - "$OUT/tune_$TAG.json" "$cfg" <<'PY'
 import json, os, subprocess, sys
 out, cfg = sys.argv[1], sys.argv[2]
 tmp = out + ".part"
@@ -40,7 +42,7 @@ subprocess.run([sys.executable, "benchmarks/attention.py", "--impls", "titan_tri
                 "--head-dims", "64", "128", "--rep-ms", "50", "--out", tmp], check=True)
 rows = json.load(open(out)) if os.path.exists(out) else []
 for r in json.load(open(tmp)):
-    r["sub_chunk"], r["warps"] = (int(x) for x in cfg.split(":"))
+    r["chunk"], r["sub_chunk"], r["warps"] = (int(x) for x in cfg.split(":"))
     rows.append(r)
 json.dump(rows, open(out, "w"), indent=1)
 os.remove(tmp)

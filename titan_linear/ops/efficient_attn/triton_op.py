@@ -19,7 +19,9 @@ from .triton_bwd import bwd_key_kernel, bwd_query_kernel
 from .triton_common import LN2_F, LOG2E_F, chunk_scan_kernel
 from .triton_fwd import chunk_output_kernel, chunk_summary_kernel
 
-CHUNK = 128  # positions per chunk: the unit of parallel work and of the carried state
+# Positions per chunk: the unit of parallel work and of the carried state. Larger chunks move
+# fewer (d_k × d_v) states through memory and give fewer, longer programs.
+CHUNK = int(os.environ.get("TITAN_LINEAR_TRITON_CHUNK", "128"))
 # Positions per same-sub-chunk block (triton_diag.py): 16 is the smallest Triton matrix product;
 # larger blocks mean fewer, bigger products but fall back to the exact loop sooner.
 SUB_CHUNK = int(os.environ.get("TITAN_LINEAR_TRITON_SUB_CHUNK", "16"))
@@ -28,6 +30,18 @@ SUB_CHUNK = int(os.environ.get("TITAN_LINEAR_TRITON_SUB_CHUNK", "16"))
 SPAN = float(os.environ.get("TITAN_LINEAR_TRITON_SPAN", "100"))
 SCAN_CHUNKS = 16  # chunks per step of the scan's parallel block
 HEAD_DIMS = (16, 32, 64, 128)
+
+
+def _check_tiling(chunk: int, sub_chunk: int) -> None:
+    for name, value in (("TITAN_LINEAR_TRITON_CHUNK", chunk), ("TITAN_LINEAR_TRITON_SUB_CHUNK", sub_chunk)):
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{name} = {value} is not allowed: a power of two >= 16")
+    if chunk % sub_chunk:
+        raise ValueError(f"TITAN_LINEAR_TRITON_CHUNK = {chunk} is not allowed: a multiple of the "
+                         f"sub-chunk ({sub_chunk})")
+
+
+_check_tiling(CHUNK, SUB_CHUNK)
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
