@@ -23,8 +23,8 @@ size |k| is subtracted, so dk is as accurate at key scale 100 as at 1.
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E, softmax_rows
-from .triton_diag import diag_dk, diag_dp, sub_chunk_z
+from .triton_common import softmax_rows
+from .triton_diag import diag_dk, diag_dp, load_sub_chunk
 
 
 @triton.jit
@@ -59,15 +59,10 @@ def bwd_query_kernel(
         t = t0 + ic
         tm = t < T
         t64 = t.to(tl.int64)
-        krow = K + b64 * skb + hk * skh + t0.to(tl.int64) * skt
-        k2 = tl.load(krow + ic[:, None].to(tl.int64) * skt + dk[None, :], mask=tm[:, None],
-                     other=float("-inf")).to(tl.float32) * LOG2E
-        vp = V + b64 * svb + hk * svh + t64[:, None] * svt + dv[None, :]
-        v = tl.load(vp, mask=tm[:, None], other=0.0).to(tl.float32)
-        z, ref, safe = sub_chunk_z(k2, r, SPAN)
+        krow, k2, v, z, ref, safe, gr, kr = load_sub_chunk(
+            K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, SPAN, c, DK, DV)
         gate = tl.exp2(r[None, :] - z)
         gate0 = tl.exp2(r0[None, :] - z)
-        gr, kr = tl.exp2(ref[None, :] - z), tl.exp2(k2 - ref[None, :])
         for g in range(G):
             h = hk * G + g
             qp = Q + b64 * sqb + h * sqh + t64[:, None] * sqt + dk[None, :]
@@ -124,13 +119,8 @@ def bwd_key_kernel(
         t = t0 + ic
         tm = t < T
         t64 = t.to(tl.int64)
-        krow = K + b64 * skb + hk * skh + t0.to(tl.int64) * skt
-        k2 = tl.load(krow + ic[:, None].to(tl.int64) * skt + dk[None, :], mask=tm[:, None],
-                     other=float("-inf")).to(tl.float32) * LOG2E
-        vp = V + b64 * svb + hk * svh + t64[:, None] * svt + dv[None, :]
-        v = tl.load(vp, mask=tm[:, None], other=0.0).to(tl.float32)
-        z, ref, safe = sub_chunk_z(k2, r, SPAN)
-        gr, kr = tl.exp2(ref[None, :] - z), tl.exp2(k2 - ref[None, :])
+        krow, k2, v, z, ref, safe, gr, kr = load_sub_chunk(
+            K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, SPAN, c, DK, DV)
         kt = tl.exp2(k2 - r_next[None, :])  # (s, DK), <= 1
         dvs = tl.dot(kt, Bs, input_precision=PREC)
         dks = kt * (tl.dot(v, tl.trans(Bs), input_precision=PREC) - bs[None, :])

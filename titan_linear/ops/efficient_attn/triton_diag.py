@@ -33,6 +33,24 @@ def sub_chunk_z(k2, r, SPAN: tl.constexpr):
 
 
 @triton.jit
+def load_sub_chunk(K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, SPAN: tl.constexpr,
+                   c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
+    """Keys (log2 units, -inf past T) and values (0 past T) of positions t0 … t0 + c − 1 of one kv
+    head, with sub_chunk_z's (z2, ref, safe) and the block factors gr = 2^(ref − z2) and
+    kr = 2^(k2 − ref). Returns (krow, k2, v, z2, ref, safe, gr, kr); krow is the first key row."""
+    ic = tl.arange(0, c)
+    tm = (t0 + ic < T)[:, None]
+    krow = K + b64 * skb + hk * skh + t0.to(tl.int64) * skt
+    vrow = V + b64 * svb + hk * svh + t0.to(tl.int64) * svt
+    k2 = tl.load(krow + ic[:, None].to(tl.int64) * skt + tl.arange(0, DK)[None, :], mask=tm,
+                 other=float("-inf")).to(tl.float32) * LOG2E
+    v = tl.load(vrow + ic[:, None].to(tl.int64) * svt + tl.arange(0, DV)[None, :], mask=tm,
+                other=0.0).to(tl.float32)
+    z, ref, safe = sub_chunk_z(k2, r, SPAN)
+    return krow, k2, v, z, ref, safe, tl.exp2(ref[None, :] - z), tl.exp2(k2 - ref[None, :])
+
+
+@triton.jit
 def _key_row(krow, s, n_valid, D: tl.constexpr):
     """Row s of the sub-chunk's keys in log2 units (-inf past the sequence)."""
     # A row past the sequence reads nothing: the bound is D for a real row, 0 otherwise.

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import LOG2E, softmax_rows
-from .triton_diag import diag_scores, sub_chunk_z
+from .triton_diag import diag_scores, load_sub_chunk
 
 
 @triton.jit
@@ -78,14 +78,9 @@ def chunk_output_kernel(
         t = t0 + ic
         tm = t < T
         t64 = t.to(tl.int64)
-        krow = K + b.to(tl.int64) * skb + hk * skh + t0.to(tl.int64) * skt
-        k2 = tl.load(krow + ic[:, None].to(tl.int64) * skt + dk[None, :], mask=tm[:, None],
-                     other=float("-inf")).to(tl.float32) * LOG2E
-        vp = V + b.to(tl.int64) * svb + hk * svh + t64[:, None] * svt + dv[None, :]
-        v = tl.load(vp, mask=tm[:, None], other=0.0).to(tl.float32)
-        z, ref, safe = sub_chunk_z(k2, r, SPAN)  # (c, DK), (DK,), scalar
+        krow, k2, v, z, ref, safe, gr, kr = load_sub_chunk(
+            K, V, b.to(tl.int64), hk, t0, T, skb, skh, skt, svb, svh, svt, r, SPAN, c, DK, DV)
         gate = tl.exp2(r[None, :] - z)  # (c, DK), <= 1; 0 before the first key
-        gr, kr = tl.exp2(ref[None, :] - z), tl.exp2(k2 - ref[None, :])
         for g in range(G):
             h = hk * G + g
             qp = Q + b.to(tl.int64) * sqb + h * sqh + t64[:, None] * sqt + dk[None, :]
