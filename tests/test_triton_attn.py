@@ -50,16 +50,25 @@ def _errors(B, H, Hkv, T, D, key_scale, device="cpu") -> dict:
     return errors
 
 
-@pytest.fixture(scope="module")
-def interpreted_errors() -> list[dict]:
-    """All CASES in one child process (importing torch and triton once costs ~7 s)."""
+# Ordinary keys with the same-sub-chunk block forced onto its exact per-key loop
+# (TITAN_LINEAR_TRITON_SPAN=-1); CASES at ordinary scale take the tensor-core products.
+EXACT_CASE = (1, 4, 2, 150, 16, 1.0)
+
+
+def _interpret(cases: list, **env) -> list[dict]:
+    """_errors of each case in one child process (importing torch and triton once costs ~7 s)."""
     pytest.importorskip("triton")
-    code = f"import json, tests.test_triton_attn as t; print(json.dumps([t._errors(*c) for c in t.CASES]))"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    code = f"import json, tests.test_triton_attn as t; print(json.dumps([t._errors(*c) for c in {cases!r}]))"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO), **env}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def interpreted_errors() -> list[dict]:
+    return _interpret(CASES)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/test_gpu.py runs the compiled kernels")
@@ -69,3 +78,9 @@ def test_efficient_attention_triton_interpreted_matches_quadratic(interpreted_er
     # fp32 kernels against an fp64 reference; keys x100 lose a little in z (|z| ~ 100s).
     tol = 1e-4 if CASES[index][-1] > 10 else 1e-5
     assert all(e < tol for e in errors.values()), errors
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/test_gpu.py runs the compiled kernels")
+def test_efficient_attention_triton_interpreted_exact_loop_matches_quadratic():
+    (errors,) = _interpret([EXACT_CASE], TITAN_LINEAR_TRITON_SPAN="-1")
+    assert all(e < 1e-5 for e in errors.values()), errors
