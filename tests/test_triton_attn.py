@@ -50,6 +50,29 @@ def _errors(B, H, Hkv, T, D, key_scale, device="cpu") -> dict:
     return errors
 
 
+def _model_errors() -> dict:
+    """A hybrid model (layers 1, 3, 5 linear, grouped kv heads) trained one step on each path:
+    relative differences of the loss and of every gradient, Triton path against torch path."""
+    from tests.helpers import build, debug_args
+    from titan_linear.ops import efficient_attn
+
+    model = build(debug_args(linear_attn_ratio=0.5, n_kv_heads=4), seed=1)
+    tokens = torch.randint(0, 2048, (1, 41), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for impl in ("torch", "triton"):
+        efficient_attn.set_impl(impl)
+        model.zero_grad()
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        results[impl] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    (loss_t, grads_t), (loss_x, grads_x) = results["torch"], results["triton"]
+    errors = {"loss": ((loss_x - loss_t).abs() / loss_t.abs()).item()}
+    for name, g in grads_t.items():
+        errors[name] = ((grads_x[name] - g).norm() / g.norm().clamp_min(1e-12)).item()
+    return errors
+
+
 # Ordinary keys with the same-sub-chunk block forced onto its exact per-key loop
 # (TITAN_LINEAR_TRITON_SPAN=-1); CASES at ordinary scale take the tensor-core products.
 EXACT_CASE = (1, 4, 2, 150, 16, 1.0)
@@ -58,7 +81,8 @@ EXACT_CASE = (1, 4, 2, 150, 16, 1.0)
 def _interpret(cases: list, **env) -> list[dict]:
     """_errors of each case in one child process (importing torch and triton once costs ~7 s)."""
     pytest.importorskip("triton")
-    code = f"import json, tests.test_triton_attn as t; print(json.dumps([t._errors(*c) for c in {cases!r}]))"
+    calls = ", ".join("t._model_errors()" if c == "model" else f"t._errors(*{c!r})" for c in cases)
+    code = f"import json, tests.test_triton_attn as t; print(json.dumps([{calls}]))"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO), **env}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
@@ -68,7 +92,7 @@ def _interpret(cases: list, **env) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def interpreted_errors() -> list[dict]:
-    return _interpret(CASES)
+    return _interpret([*CASES, "model"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/test_gpu.py runs the compiled kernels")
@@ -78,6 +102,14 @@ def test_efficient_attention_triton_interpreted_matches_quadratic(interpreted_er
     # fp32 kernels against an fp64 reference; keys x100 lose a little in z (|z| ~ 100s).
     tol = 1e-4 if CASES[index][-1] > 10 else 1e-5
     assert all(e < tol for e in errors.values()), errors
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/test_gpu.py runs the compiled kernels")
+def test_hybrid_model_on_triton_path_matches_torch_path(interpreted_errors):
+    errors = interpreted_errors[len(CASES)]
+    linear = [n for n in errors if n.startswith(("layers.1.attention", "layers.3.attention", "layers.5.attention"))]
+    assert linear, sorted(errors)  # the gradients that flow through the Triton backward
+    assert all(e < 1e-4 for e in errors.values()), {n: e for n, e in errors.items() if e >= 1e-4}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/test_gpu.py runs the compiled kernels")
