@@ -15,6 +15,15 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _against(fn, ref_fn, q, k, v, do):
+    """(out, grads) of fn on q, k, v and (ref, ref_grads) of ref_fn on fp32 copies of them."""
+    out = fn(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), do.to(q.dtype))
+    qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ref = ref_fn(qr, kr, vr)
+    return out, grads, ref, torch.autograd.grad(ref, (qr, kr, vr), do.float())
+
+
 def _qkv(B, H, Hkv, T, D, dtype, key_scale=1.0):
     g = torch.Generator(device="cuda").manual_seed(T * 7 + H)
     mk = lambda h, s=1.0: (torch.randn(B, h, T, D, device="cuda", generator=g) * s).to(dtype).requires_grad_()
@@ -27,11 +36,7 @@ def _qkv(B, H, Hkv, T, D, dtype, key_scale=1.0):
 def test_efficient_attention_cuda_matches_reference(B, H, Hkv, T, D, dtype):
     q, k, v = _qkv(B, H, Hkv, T, D, dtype)
     do = torch.randn(B, H, T, D, device="cuda")
-    out = efficient_attention(q, k, v)
-    grads = torch.autograd.grad(out, (q, k, v), do.to(dtype))
-    qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
-    ref = efficient_attention_quadratic(qr, kr, vr)
-    ref_grads = torch.autograd.grad(ref, (qr, kr, vr), do)
+    out, grads, ref, ref_grads = _against(efficient_attention, efficient_attention_quadratic, q, k, v, do)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert out.dtype == dtype
     assert _rel(out, ref) < tol
@@ -105,11 +110,7 @@ def test_efficient_attention_triton_long_sequence_matches_chunked(dtype, D):
 
     q, k, v = _qkv(1, 4, 2, 5000, D, dtype, key_scale=3.0)
     do = torch.randn(1, 4, 5000, D, device="cuda")
-    out = efficient_attention_triton(q, k, v)
-    grads = torch.autograd.grad(out, (q, k, v), do.to(dtype))
-    qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
-    ref = efficient_attention_chunked(qr, kr, vr)
-    ref_grads = torch.autograd.grad(ref, (qr, kr, vr), do)
+    out, grads, ref, ref_grads = _against(efficient_attention_triton, efficient_attention_chunked, q, k, v, do)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert _rel(out, ref) < tol
     for g, r in zip(grads, ref_grads):
@@ -122,11 +123,7 @@ def test_efficient_attention_triton_large_keys_match_reference(key_scale):
 
     q, k, v = _qkv(1, 4, 4, 700, 64, torch.bfloat16, key_scale=key_scale)
     do = torch.randn(1, 4, 700, 64, device="cuda")
-    out = efficient_attention_triton(q, k, v)
-    grads = torch.autograd.grad(out, (q, k, v), do.bfloat16())
-    qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
-    ref = efficient_attention_quadratic(qr, kr, vr)
-    ref_grads = torch.autograd.grad(ref, (qr, kr, vr), do)
+    out, grads, ref, ref_grads = _against(efficient_attention_triton, efficient_attention_quadratic, q, k, v, do)
     assert _rel(out, ref) < 2e-2
     for g, r in zip(grads, ref_grads):
         assert torch.isfinite(g).all()

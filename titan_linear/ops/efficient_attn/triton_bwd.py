@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import softmax_rows
-from .triton_diag import diag_dk, diag_dp, load_sub_chunk
+from .triton_diag import advance_state, diag_dk, diag_dp, load_sub_chunk, state_before_chunk
 
 
 @triton.jit
@@ -46,10 +46,7 @@ def bwd_query_kernel(
     base = bhk.to(tl.int64) * NC + n
     r = tl.load(ZP + base * DK + dk)
     r0 = r
-    # The state after the previous chunk (chunk 0 starts from nothing).
-    prev = bhk.to(tl.int64) * NC + tl.maximum(n - 1, 0)
-    S = tl.load(S_END + prev * DK * DV + dk[:, None] * DV + dv[None, :])
-    S = tl.where(n > 0, S, 0.0)
+    S = state_before_chunk(S_END, bhk, n, NC, DK, DV)
     LB = tl.zeros([DK, DV], dtype=tl.float32)
     lb = tl.zeros([DK], dtype=tl.float32)
     H = HK * G
@@ -80,10 +77,7 @@ def bwd_query_kernel(
             tl.store(cp, cdp, mask=tm[:, None])
             LB += tl.dot(tl.trans(p * gate0), do, input_precision=PREC)
             lb += tl.sum(cdp * gate0, axis=0)
-        r_next = tl.max(z, axis=0)
-        S = S * tl.exp2(r - r_next)[:, None] + tl.dot(tl.trans(tl.exp2(k2 - r_next[None, :])), v,
-                                                      input_precision=PREC)
-        r = r_next
+        S, r = advance_state(S, r, z, k2, v, PREC)
     slot = bhk.to(tl.int64) * NC + (n + NC - 1) % NC
     out = LBX + slot * DK * (DV + 1)
     tl.store(out + dk[:, None] * (DV + 1) + dv[None, :], LB)

@@ -51,6 +51,24 @@ def load_sub_chunk(K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, SPAN: 
 
 
 @triton.jit
+def state_before_chunk(S_END, bhk, n, NC, DK: tl.constexpr, DV: tl.constexpr):
+    """The (DK, DV) state after chunk n − 1 from the scan's output; zero for chunk 0."""
+    prev = bhk.to(tl.int64) * NC + tl.maximum(n - 1, 0)
+    S = tl.load(S_END + prev * DK * DV + tl.arange(0, DK)[:, None] * DV + tl.arange(0, DV)[None, :])
+    return tl.where(n > 0, S, 0.0)
+
+
+@triton.jit
+def advance_state(S, r, z, k2, v, PREC: tl.constexpr):
+    """The state S (normalised to r) after the sub-chunk's keys k2 and values v, normalised to its
+    last z; returns (S, that z). z is non-decreasing in t, so its last row is its max."""
+    r_next = tl.max(z, axis=0)
+    S = S * tl.exp2(r - r_next)[:, None] + tl.dot(tl.trans(tl.exp2(k2 - r_next[None, :])), v,
+                                                  input_precision=PREC)
+    return S, r_next
+
+
+@triton.jit
 def _key_row(krow, s, n_valid, D: tl.constexpr):
     """Row s of the sub-chunk's keys in log2 units (-inf past the sequence)."""
     # A row past the sequence reads nothing: the bound is D for a real row, 0 otherwise.

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import LOG2E, softmax_rows
-from .triton_diag import diag_scores, load_sub_chunk
+from .triton_diag import advance_state, diag_scores, load_sub_chunk, state_before_chunk
 
 
 @triton.jit
@@ -69,10 +69,7 @@ def chunk_output_kernel(
     dk, dv, ic = tl.arange(0, DK), tl.arange(0, DV), tl.arange(0, c)
     base = bhk.to(tl.int64) * NC + n
     r = tl.load(ZP + base * DK + dk)
-    # The state after the previous chunk (chunk 0 starts from nothing).
-    prev = bhk.to(tl.int64) * NC + tl.maximum(n - 1, 0)
-    S = tl.load(S_END + prev * DK * DV + dk[:, None] * DV + dv[None, :])
-    S = tl.where(n > 0, S, 0.0)
+    S = state_before_chunk(S_END, bhk, n, NC, DK, DV)
     for i in range(C // c):
         t0 = n * C + i * c
         t = t0 + ic
@@ -89,7 +86,4 @@ def chunk_output_kernel(
             o = tl.dot(a, v, input_precision=PREC) + tl.dot(p * gate, S, input_precision=PREC)
             op = O + b.to(tl.int64) * sob + h * soh + t64[:, None] * sot + dv[None, :]
             tl.store(op, o.to(O.dtype.element_ty), mask=tm[:, None])
-        r_next = tl.max(z, axis=0)  # z is non-decreasing in t: its last row
-        S = S * tl.exp2(r - r_next)[:, None] + tl.dot(tl.trans(tl.exp2(k2 - r_next[None, :])), v,
-                                                      input_precision=PREC)
-        r = r_next
+        S, r = advance_state(S, r, z, k2, v, PREC)

@@ -83,11 +83,14 @@ def _unit_stride(*xs: torch.Tensor) -> list[torch.Tensor]:
     return [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
 
 
-def _chunk_z(lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log2 z at the end of each chunk and just before it (-inf before the first chunk)."""
-    z_end = torch.logcumsumexp(lse2.double() * LN2_F, dim=1).mul_(LOG2E_F).float()
-    z_prev = torch.cat([torch.full_like(z_end[:, :1], float("-inf")), z_end[:, :-1]], dim=1)
-    return z_end.contiguous(), z_prev.contiguous()
+def _chunk_z_end(lse2: torch.Tensor) -> torch.Tensor:
+    """Log2 z at the end of each chunk, from each chunk's log2-sum-exp2 of its keys."""
+    return torch.logcumsumexp(lse2.double() * LN2_F, dim=1).mul_(LOG2E_F).float().contiguous()
+
+
+def _z_before(z_end: torch.Tensor) -> torch.Tensor:
+    """Log2 z just before each chunk: z_end shifted by one chunk, -inf before the first."""
+    return torch.cat([torch.full_like(z_end[:, :1], float("-inf")), z_end[:, :-1]], dim=1).contiguous()
 
 
 def _scan(u, gate, scale, reverse: bool, width: int):
@@ -121,7 +124,8 @@ def efficient_attn_fwd(
         k, v, local, lse2, *_strides(k), *_strides(v), seqlen, n_kv, nc,
         C=CHUNK, DK=d_k, DV=d_v, PREC=_precision(q.dtype), num_warps=warps,
     )
-    z_end, z_prev = _chunk_z(lse2)
+    z_end = _chunk_z_end(lse2)
+    z_prev = _z_before(z_end)
     gate, scale = torch.exp2(z_prev - z_end), torch.exp2(lse2 - z_end)
     s_end = _scan(local.view(bs * n_kv, nc, -1), gate, scale, reverse=False, width=d_v)
     s_end = s_end.view(bs * n_kv, nc, d_k, d_v)
@@ -155,7 +159,7 @@ def efficient_attn_bwd(
     n_kv, d_v = k.shape[1], v.shape[-1]
     nc = s_end.shape[1]
     f32 = dict(dtype=torch.float32, device=q.device)
-    z_prev = torch.cat([torch.full_like(z_end[:, :1], float("-inf")), z_end[:, :-1]], dim=1)
+    z_prev = _z_before(z_end)
     dq = _like_bthd(q, d_k, q.dtype)
     cdp = torch.empty(bs, n_heads, seqlen, d_k, **f32)
     refs = torch.empty(bs * n_kv, nc, CHUNK // SUB_CHUNK, d_k, **f32)
