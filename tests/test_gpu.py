@@ -43,8 +43,10 @@ def test_efficient_attention_cuda_matches_reference(B, H, Hkv, T, D, dtype):
     for g, r in zip(grads, ref_grads):
         assert torch.isfinite(g).all()
         # Gradients that vanish in exact arithmetic (dq, dk at T = 1: the output is v) are
-        # rounding noise in both; measure them against the incoming gradient's scale.
-        scale = max(r.float().norm().item(), 1e-3 * do.norm().item())
+        # rounding noise in both; measure them against the incoming gradient's scale. With bf16
+        # inputs the kernels' products take bf16 operands (2^-9), and the terms that cancel are
+        # of size |do| |v|, so the noise floor is ~1e-2 |do|, not fp32's ~1e-6.
+        scale = max(r.float().norm().item(), (1e-3 if dtype == torch.float32 else 1e-1) * do.norm().item())
         assert (g.float() - r.float()).norm().item() / scale < tol
 
 

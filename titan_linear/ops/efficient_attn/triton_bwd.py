@@ -24,16 +24,16 @@ import triton
 import triton.language as tl
 
 from .triton_common import softmax_rows
-from .triton_diag import advance_state, diag_dk, diag_dp, load_sub_chunk, state_before_chunk
+from .triton_diag import advance_state, diag_dk, diag_dp, load_sub_chunk, mm, state_before_chunk
 
 
 @triton.jit
 def bwd_query_kernel(
-    Q, K, V, DO, DQ, CDP, S_END, ZP, R, LBX,
+    Q, K, V, DO, DQ, CDP, S_END, ZP, R, LBX, FLAGS,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt,
     T, HK, NC,
     G: tl.constexpr, C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    PREC: tl.constexpr, SPAN: tl.constexpr,
+    PREC: tl.constexpr, FAST: tl.constexpr,
 ):
     """Grid (NC, B · HK). CDP: (B, H, T, DK) fp32; R: (B · HK, NC, C // c, DK) log2 references;
     LBX: (B · HK, NC, DK, DV + 1), chunk n's summary stored at slot n − 1 (chunk 0's, which is
@@ -44,6 +44,8 @@ def bwd_query_kernel(
     b64 = b.to(tl.int64)
     dk, dv, ic = tl.arange(0, DK), tl.arange(0, DV), tl.arange(0, c)
     base = bhk.to(tl.int64) * NC + n
+    if (tl.load(FLAGS + base) == 0) != FAST:  # the other variant takes this chunk
+        return
     r = tl.load(ZP + base * DK + dk)
     r0 = r
     S = state_before_chunk(S_END, bhk, n, NC, DK, DV)
@@ -56,28 +58,30 @@ def bwd_query_kernel(
         t = t0 + ic
         tm = t < T
         t64 = t.to(tl.int64)
-        krow, k2, v, z, ref, safe, gr, kr = load_sub_chunk(
-            K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, SPAN, c, DK, DV)
-        gate = tl.exp2(r[None, :] - z)
-        gate0 = tl.exp2(r0[None, :] - z)
-        for g in range(G):
+        krow, k2, v, rd, e, gate, r_next, kn = load_sub_chunk(
+            K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, c, DK, DV, PREC, FAST)
+        # 2^(r0 − z_t): r0 <= r, so no overflow; both -inf at the sequence's start, where the
+        # summary is 0 (gate is), and -inf − -inf must not make it NaN.
+        gate0 = gate * tl.where(r0 == r, 1.0, tl.exp2(r0 - r))[None, :]
+        for g in tl.static_range(G):
             h = hk * G + g
             qp = Q + b64 * sqb + h * sqh + t64[:, None] * sqt + dk[None, :]
             p = softmax_rows(tl.load(qp, mask=tm[:, None], other=0.0))
             dop = DO + b64 * sdob + h * sdoh + t64[:, None] * sdot + dv[None, :]
-            do = tl.load(dop, mask=tm[:, None], other=0.0).to(tl.float32)
-            da = tl.dot(do, tl.trans(v), input_precision=PREC)  # (t, s)
-            dp = diag_dp(da, gr, kr, z, safe, krow, skt, T - t0, c, DK, PREC)
-            dp += gate * tl.dot(do, tl.trans(S), input_precision=PREC)
+            do = tl.load(dop, mask=tm[:, None], other=0.0)
+            da = mm(do, tl.trans(v), PREC)  # (t, s)
+            dp = diag_dp(da, rd, e, FAST, k2, r, krow, skt, T - t0, c, DK, PREC)
+            dp += gate * mm(do, tl.trans(S), PREC)
             cdp = p * dp
             dq = cdp - p * tl.sum(cdp, axis=1)[:, None]
             dqp = DQ + b64 * sdqb + h * sdqh + t64[:, None] * sdqt + dk[None, :]
             tl.store(dqp, dq.to(DQ.dtype.element_ty), mask=tm[:, None])
             cp = CDP + ((b64 * H + h) * T + t64[:, None]) * DK + dk[None, :]
             tl.store(cp, cdp, mask=tm[:, None])
-            LB += tl.dot(tl.trans(p * gate0), do, input_precision=PREC)
+            LB += mm(tl.trans(p * gate0), do, PREC)
             lb += tl.sum(cdp * gate0, axis=0)
-        S, r = advance_state(S, r, z, k2, v, PREC)
+        S = advance_state(S, r, r_next, kn, v, PREC)
+        r = r_next
     slot = bhk.to(tl.int64) * NC + (n + NC - 1) % NC
     out = LBX + slot * DK * (DV + 1)
     tl.store(out + dk[:, None] * (DV + 1) + dv[None, :], LB)
@@ -86,12 +90,12 @@ def bwd_query_kernel(
 
 @triton.jit
 def bwd_key_kernel(
-    Q, K, V, DO, CDP, Z_END, R, BX, DK_, DV_,
+    Q, K, V, DO, CDP, Z_END, R, BX, DK_, DV_, FLAGS,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
     sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
     T, HK, NC,
     G: tl.constexpr, C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    PREC: tl.constexpr, SPAN: tl.constexpr,
+    PREC: tl.constexpr, FAST: tl.constexpr,
 ):
     """Grid (NC, B · HK). Z_END: (B · HK, NC, DK) log2 z at the end of each chunk; BX: the reverse
     scan's output, (B · HK, NC, DK, DV + 1), chunk n's later-positions summary at slot n."""
@@ -101,6 +105,8 @@ def bwd_key_kernel(
     b64 = b.to(tl.int64)
     dk, dv, ic = tl.arange(0, DK), tl.arange(0, DV), tl.arange(0, c)
     base = bhk.to(tl.int64) * NC + n
+    if (tl.load(FLAGS + base) == 0) != FAST:  # the other variant takes this chunk
+        return
     bx = BX + base * DK * (DV + 1)
     Bs = tl.load(bx + dk[:, None] * (DV + 1) + dv[None, :])
     bs = tl.load(bx + dk * (DV + 1) + DV)
@@ -113,27 +119,28 @@ def bwd_key_kernel(
         t = t0 + ic
         tm = t < T
         t64 = t.to(tl.int64)
-        krow, k2, v, z, ref, safe, gr, kr = load_sub_chunk(
-            K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, SPAN, c, DK, DV)
+        krow, k2, v, rd, e, gate, r_end, kn = load_sub_chunk(
+            K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, c, DK, DV, PREC, FAST)
+        # The later summary is normalised to the z after this sub-chunk as the query kernel
+        # carried it (r_next), so the keys are taken against that same reference.
         kt = tl.exp2(k2 - r_next[None, :])  # (s, DK), <= 1
-        dvs = tl.dot(kt, Bs, input_precision=PREC)
-        dks = kt * (tl.dot(v, tl.trans(Bs), input_precision=PREC) - bs[None, :])
-        gate = tl.exp2(r[None, :] - z)
+        dvs = mm(kt, Bs, PREC)
+        dks = kt * (mm(v, tl.trans(Bs), PREC) - bs[None, :])
         Bn = tl.zeros([DK, DV], dtype=tl.float32)
         bn = tl.zeros([DK], dtype=tl.float32)
-        for g in range(G):
+        for g in tl.static_range(G):
             h = hk * G + g
             qp = Q + b64 * sqb + h * sqh + t64[:, None] * sqt + dk[None, :]
             p = softmax_rows(tl.load(qp, mask=tm[:, None], other=0.0))
             dop = DO + b64 * sdob + h * sdoh + t64[:, None] * sdot + dv[None, :]
-            do = tl.load(dop, mask=tm[:, None], other=0.0).to(tl.float32)
+            do = tl.load(dop, mask=tm[:, None], other=0.0)
             cp = CDP + ((b64 * H + h) * T + t64[:, None]) * DK + dk[None, :]
             cdp = tl.load(cp, mask=tm[:, None], other=0.0)
-            da = tl.dot(do, tl.trans(v), input_precision=PREC)  # (t, s)
-            a, dkd = diag_dk(p, cdp, da, gr, kr, z, safe, krow, skt, T - t0, c, DK, PREC)
-            dvs += tl.dot(tl.trans(a), do, input_precision=PREC)
+            da = mm(do, tl.trans(v), PREC)  # (t, s)
+            a, dkd = diag_dk(p, cdp, da, rd, e, FAST, k2, r, krow, skt, T - t0, c, DK, PREC)
+            dvs += mm(tl.trans(a), do, PREC)
             dks += dkd
-            Bn += tl.dot(tl.trans(p * gate), do, input_precision=PREC)
+            Bn += mm(tl.trans(p * gate), do, PREC)
             bn += tl.sum(cdp * gate, axis=0)
         decay = tl.exp2(r - r_next)
         Bs = Bs * decay[:, None] + Bn

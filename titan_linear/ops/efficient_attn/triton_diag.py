@@ -1,17 +1,20 @@
-"""The same-sub-chunk block of causal efficient attention, shared by the Triton kernels.
+"""The sub-chunk step of causal efficient attention, shared by the Triton kernels.
 
 Inside one sub-chunk of c positions the weight exp(k_s − z_t) depends on both indices. With r
-the z just before the sub-chunk (or its first z for the very first one) it factorises as
+the z just before the sub-chunk (-inf before the first) and M = max(r, max_s k2_s) per feature,
 
-    2^(k2_s − r) · 2^(r − z2_t),    k2_s − r <= z2_end − r,   r − z2_t <= 0,
+    2^(k2_s − z2_t) = e_s / D_t,   e_s = 2^(k2_s − M) <= 1,   D_t = 2^(r − M) + Σ_{s'<=t} e_s',
 
-so while z grows by at most SPAN (log2 units, 100 by default: triton_op.py) inside the
-sub-chunk, neither factor leaves fp32's range (2^±126) and the block is tensor-core products.
-A factor that underflows belongs to a weight below 2^-SPAN of its row's total, which is
-negligible. When z grows
-more (keys at scale ~100 can do that), the block falls back to the exact elementwise form,
-one key at a time. Which path runs is decided per sub-chunk, so results are exact at any key
-scale and fast at ordinary ones.
+so z needs no log-add-exp scan (the cumulative sum is a product with a triangular matrix) and
+the block is tensor-core products of p / D and e. D is non-decreasing in t, so while its first
+row is at least 2^-SPAN (SPAN log2 units, 100 by default: triton_op.py) every factor stays in
+fp32's range (2^±126); an e that underflows belongs to a weight below 2^-26 of its row's total.
+
+Each kernel is compiled twice (FAST a constexpr). The summary kernel flags every chunk with a
+sub-chunk whose keys spread more than SPAN (keys at scale ~100 do that); the FAST kernels skip
+flagged chunks and carry no fallback code (it would cost them registers), and the exact ones
+take only flagged chunks, one key at a time with z from a log-add-exp scan. Results are exact
+at any key scale and fast at ordinary ones.
 """
 
 import triton
@@ -19,25 +22,72 @@ import triton.language as tl
 
 from .triton_common import LOG2E, lae2
 
-@triton.jit
-def sub_chunk_z(k2, r, SPAN: tl.constexpr):
-    """z2 (c, D) at each position of a sub-chunk from the keys k2 (c, D) and z2 = r (D) before it.
-
-    Returns (z2, ref, safe): the factorisation reference and whether the factorised form is
-    exact here (z2 grows by at most SPAN from ref; SPAN < 0 forces the exact loop)."""
-    z = lae2(r[None, :], tl.associative_scan(k2, 0, lae2))
-    # z is non-decreasing in t, so its first row is its min and its last row its max.
-    ref = tl.where(r == float("-inf"), tl.min(z, axis=0), r)
-    safe = tl.max(tl.max(z, axis=0) - ref, axis=0) <= SPAN
-    return z, ref, safe
-
 
 @triton.jit
-def load_sub_chunk(K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, SPAN: tl.constexpr,
-                   c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
+def mm(a, b, PREC: tl.constexpr):
+    """a @ b with fp32 accumulation. PREC "ieee" / "tf32": fp32 operands at that precision;
+    "bf16": operands rounded to bf16 (same exponent range as fp32, so nothing overflows), the
+    rounding FlashAttention also applies to its probabilities; exact for bf16 inputs."""
+    if PREC == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+
+
+@triton.jit
+def cumsum_rows(x, REVERSE: tl.constexpr, PREC: tl.constexpr):
+    """Inclusive cumulative sum of a (c, D) fp32 tile down its rows (up them if REVERSE), as a
+    product with a 0/1 triangular matrix. Below fp32 the operand is split into two bf16 parts
+    (the 0/1 matrix is exact in bf16), so the sum keeps ~16 bits, not bf16's 8 or tf32's 11."""
+    ic = tl.arange(0, x.shape[0])
+    if REVERSE:
+        tri = tl.where(ic[:, None] <= ic[None, :], 1.0, 0.0)
+    else:
+        tri = tl.where(ic[:, None] >= ic[None, :], 1.0, 0.0)
+    if PREC == "ieee":
+        return tl.dot(tri, x, input_precision="ieee")
+    else:
+        hi = x.to(tl.bfloat16)
+        lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
+        t16 = tri.to(tl.bfloat16)
+        return tl.dot(t16, hi) + tl.dot(t16, lo)
+
+
+@triton.jit
+def sub_chunk_z(k2, r):
+    """Exact z2 (c, D) at each position of a sub-chunk from its keys k2 and z2 = r (D) before it."""
+    return lae2(r[None, :], tl.associative_scan(k2, 0, lae2))
+
+
+@triton.jit
+def sub_chunks_exact_only(K, b64, hk, t0, T, skb, skh, skt, k2, SPAN: tl.constexpr,
+                          C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr):
+    """1 if some sub-chunk of the chunk at t0 (keys k2, (C, DK) log2 units) may not take the
+    factorised form, else 0. Sufficient for it, whatever z came before: every feature's first
+    key is within SPAN of the sub-chunk's max key, since then D_0 >= 2^(k2_0 − M) >= 2^-SPAN.
+    A negative SPAN flags every chunk (tests force the exact kernels that way)."""
+    first_t = t0 + tl.arange(0, C // c) * c
+    kp = K + b64 * skb + hk * skh + first_t[:, None].to(tl.int64) * skt + tl.arange(0, DK)[None, :]
+    first = tl.load(kp, mask=(first_t < T)[:, None], other=float("-inf")).to(tl.float32) * LOG2E
+    top = tl.max(tl.reshape(k2, (C // c, c, DK)), axis=1)
+    # A sub-chunk wholly past T gives -inf − -inf = NaN, which compares false: nothing to flag.
+    return tl.max(tl.max(tl.where(first - top < -SPAN, 1, 0), axis=1), axis=0)
+
+
+@triton.jit
+def load_sub_chunk(K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r,
+                   c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
+                   FAST: tl.constexpr):
     """Keys (log2 units, -inf past T) and values (0 past T) of positions t0 … t0 + c − 1 of one kv
-    head, with sub_chunk_z's (z2, ref, safe) and the block factors gr = 2^(ref − z2) and
-    kr = 2^(k2 − ref). Returns (krow, k2, v, z2, ref, safe, gr, kr); krow is the first key row."""
+    head, and the sub-chunk's factors: FAST, the factorised form (the caller knows it is exact
+    here: sub_chunks_exact_only); else z from an exact log-add-exp scan.
+
+    Returns (krow, k2, v, rd, e, gate, r_next, kn):
+      krow   pointer to the first key row (for the exact loop);
+      rd, e  1 / D and e of the module docstring (FAST only: rd · e is the block's weight);
+      gate   2^(r − z2_t) (c, DK), <= 1: how the state before the sub-chunk reaches position t;
+      r_next z2 after the sub-chunk (DK); kn = 2^(k2 − r_next) (c, DK), the keys as they enter
+             the state normalised to r_next."""
     ic = tl.arange(0, c)
     tm = (t0 + ic < T)[:, None]
     krow = K + b64 * skb + hk * skh + t0.to(tl.int64) * skt
@@ -46,8 +96,25 @@ def load_sub_chunk(K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, SPAN: 
                  other=float("-inf")).to(tl.float32) * LOG2E
     v = tl.load(vrow + ic[:, None].to(tl.int64) * svt + tl.arange(0, DV)[None, :], mask=tm,
                 other=0.0).to(tl.float32)
-    z, ref, safe = sub_chunk_z(k2, r, SPAN)
-    return krow, k2, v, z, ref, safe, tl.exp2(ref[None, :] - z), tl.exp2(k2 - ref[None, :])
+    if FAST:
+        m = tl.maximum(r, tl.max(k2, axis=0))  # finite: a real position is here or came before
+        e = tl.exp2(k2 - m[None, :])
+        w = tl.exp2(r - m)
+        d = w[None, :] + cumsum_rows(e, False, PREC)
+        rd = 1.0 / d
+        # D is non-decreasing in t (padding adds e = 0), so its max row is the last; that row
+        # holds the max key's e = 1, so its log is exact even where D's first row is tiny.
+        d_last = tl.max(d, axis=0)
+        r_next = m + tl.log2(d_last)
+        gate = w[None, :] * rd
+        kn = e * (1.0 / d_last)[None, :]
+    else:
+        z = sub_chunk_z(k2, r)
+        r_next = tl.max(z, axis=0)
+        gate = tl.exp2(r[None, :] - z)
+        kn = tl.exp2(k2 - r_next[None, :])
+        rd, e = gate, kn  # unused by the exact loop
+    return krow, k2, v, rd, e, gate, r_next, kn
 
 
 @triton.jit
@@ -59,13 +126,10 @@ def state_before_chunk(S_END, bhk, n, NC, DK: tl.constexpr, DV: tl.constexpr):
 
 
 @triton.jit
-def advance_state(S, r, z, k2, v, PREC: tl.constexpr):
-    """The state S (normalised to r) after the sub-chunk's keys k2 and values v, normalised to its
-    last z; returns (S, that z). z is non-decreasing in t, so its last row is its max."""
-    r_next = tl.max(z, axis=0)
-    S = S * tl.exp2(r - r_next)[:, None] + tl.dot(tl.trans(tl.exp2(k2 - r_next[None, :])), v,
-                                                  input_precision=PREC)
-    return S, r_next
+def advance_state(S, r, r_next, kn, v, PREC: tl.constexpr):
+    """The state S (normalised to r) after the sub-chunk (keys kn = 2^(k2 − r_next), values v),
+    normalised to r_next."""
+    return S * tl.exp2(r - r_next)[:, None] + mm(tl.trans(kn), v, PREC)
 
 
 @triton.jit
@@ -77,62 +141,65 @@ def _key_row(krow, s, n_valid, D: tl.constexpr):
 
 
 @triton.jit
-def diag_scores(p, gr, kr, z, safe, krow, skt, n_valid, c: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+def diag_scores(p, rd, e, FAST: tl.constexpr, k2, r, krow, skt, n_valid, c: tl.constexpr, D: tl.constexpr,
+                PREC: tl.constexpr):
     """A[t, s] = Σ_d p[t, d] · 2^(k2_s[d] − z2_t[d]) for s <= t (0 above the diagonal).
 
-    p (c, D) query softmax; gr = 2^(ref − z2), kr = 2^(k2 − ref) (c, D); krow points at the
-    sub-chunk's first key row (stride skt), n_valid rows of which are real."""
+    p (c, D) query softmax; rd, e from load_sub_chunk; k2, r, krow (first key row, stride skt,
+    n_valid rows real) for the exact loop."""
     ic = tl.arange(0, c)
     causal = ic[:, None] >= ic[None, :]
-    if safe:
-        a = tl.dot(p * gr, tl.trans(kr), input_precision=PREC)
+    if FAST:
+        a = mm(p * rd, tl.trans(e), PREC)
     else:
+        z = sub_chunk_z(k2, r)
         a = tl.zeros([c, c], dtype=tl.float32)
         for s in range(c):
             ks = _key_row(krow + s * skt, s, n_valid, D)
-            e = tl.exp2(tl.where(ic[:, None] >= s, ks[None, :] - z, float("-inf")))
-            a = tl.where(ic[None, :] == s, tl.sum(p * e, axis=1)[:, None], a)
+            w = tl.exp2(tl.where(ic[:, None] >= s, ks[None, :] - z, float("-inf")))
+            a = tl.where(ic[None, :] == s, tl.sum(p * w, axis=1)[:, None], a)
     return tl.where(causal, a, 0.0)
 
 
 @triton.jit
-def diag_dp(da, gr, kr, z, safe, krow, skt, n_valid, c: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
-    """dp[t, d] = Σ_{s<=t} 2^(k2_s[d] − z2_t[d]) · da[t, s] over the sub-chunk (da masked or not)."""
+def diag_dp(da, rd, e, FAST: tl.constexpr, k2, r, krow, skt, n_valid, c: tl.constexpr, D: tl.constexpr,
+            PREC: tl.constexpr):
+    """dp[t, d] = Σ_{s<=t} 2^(k2_s[d] − z2_t[d]) · da[t, s] over the sub-chunk."""
     ic = tl.arange(0, c)
     da = tl.where(ic[:, None] >= ic[None, :], da, 0.0)
-    if safe:
-        dp = gr * tl.dot(da, kr, input_precision=PREC)
+    if FAST:
+        dp = rd * mm(da, e, PREC)
     else:
+        z = sub_chunk_z(k2, r)
         dp = tl.zeros([c, D], dtype=tl.float32)
         for s in range(c):
             ks = _key_row(krow + s * skt, s, n_valid, D)
-            e = tl.exp2(tl.where(ic[:, None] >= s, ks[None, :] - z, float("-inf")))
-            dp += e * tl.sum(tl.where(ic[None, :] == s, da, 0.0), axis=1)[:, None]
+            w = tl.exp2(tl.where(ic[:, None] >= s, ks[None, :] - z, float("-inf")))
+            dp += w * tl.sum(tl.where(ic[None, :] == s, da, 0.0), axis=1)[:, None]
     return dp
 
 
 @triton.jit
-def diag_dk(p, cdp, da, gr, kr, z, safe, krow, skt, n_valid, c: tl.constexpr, D: tl.constexpr,
+def diag_dk(p, cdp, da, rd, e, FAST: tl.constexpr, k2, r, krow, skt, n_valid, c: tl.constexpr, D: tl.constexpr,
             PREC: tl.constexpr):
     """(A, dk) of the sub-chunk: A as diag_scores, and
     dk[s, d] = Σ_{t>=s} 2^(k2_s[d] − z2_t[d]) · (p[t, d] · da[t, s] − cdp[t, d])."""
     ic = tl.arange(0, c)
     causal = ic[:, None] >= ic[None, :]
     da = tl.where(causal, da, 0.0)
-    if safe:
-        pg = p * gr
-        a = tl.dot(pg, tl.trans(kr), input_precision=PREC)
-        below = tl.where(causal, 1.0, 0.0)  # [t, s]: t >= s
-        dk = kr * (tl.dot(tl.trans(da), pg, input_precision=PREC)
-                   - tl.dot(tl.trans(below), cdp * gr, input_precision=PREC))
+    if FAST:
+        pg = p * rd
+        a = mm(pg, tl.trans(e), PREC)
+        dk = e * (mm(tl.trans(da), pg, PREC) - cumsum_rows(cdp * rd, True, PREC))
     else:
+        z = sub_chunk_z(k2, r)
         a = tl.zeros([c, c], dtype=tl.float32)
         dk = tl.zeros([c, D], dtype=tl.float32)
         for s in range(c):
             ks = _key_row(krow + s * skt, s, n_valid, D)
-            e = tl.exp2(tl.where(ic[:, None] >= s, ks[None, :] - z, float("-inf")))
-            a = tl.where(ic[None, :] == s, tl.sum(p * e, axis=1)[:, None], a)
+            w = tl.exp2(tl.where(ic[:, None] >= s, ks[None, :] - z, float("-inf")))
+            a = tl.where(ic[None, :] == s, tl.sum(p * w, axis=1)[:, None], a)
             da_s = tl.sum(tl.where(ic[None, :] == s, da, 0.0), axis=1)
-            dk_s = tl.sum(e * (p * da_s[:, None] - cdp), axis=0)
+            dk_s = tl.sum(w * (p * da_s[:, None] - cdp), axis=0)
             dk = tl.where(ic[:, None] == s, dk_s[None, :], dk)
     return tl.where(causal, a, 0.0), dk

@@ -9,10 +9,9 @@ as busy as 32 sequences of 2K:
    S_n = 2^(Z_{n−1} − Z_n) · S_{n−1} + 2^(lse_n − Z_n) · L_n, with Z_n the log2-cumsum-exp2 of
    the lse (a tiny torch op). S_n is normalised to Z_n, the z at the end of chunk n.
 3. `chunk_output_kernel`, per (chunk, kv head), walks the chunk's sub-chunks of c positions:
-   z_t from the reference r (z before the sub-chunk) and a log-add-exp scan of the keys;
    the keys of the same sub-chunk through its c × c block (triton_diag.py, the only place
    where exp(k_s − z_t) needs both indices); everything earlier through the state S
-   normalised to r: o_t += (p_t · 2^(r − z_t)) S, whose exponents are <= 0.
+   normalised to r, the z before the sub-chunk: o_t += (p_t · 2^(r − z_t)) S, exponents <= 0.
    The query heads of a group share the kv head's gates, block and state, so one program
    serves them all.
 """
@@ -21,18 +20,19 @@ import triton
 import triton.language as tl
 
 from .triton_common import LOG2E, softmax_rows
-from .triton_diag import advance_state, diag_scores, load_sub_chunk, state_before_chunk
+from .triton_diag import advance_state, diag_scores, load_sub_chunk, mm, state_before_chunk, sub_chunks_exact_only
 
 
 @triton.jit
 def chunk_summary_kernel(
-    K, V, L, LSE,
+    K, V, L, LSE, FLAGS,
     skb, skh, skt, svb, svh, svt,
     T, HK, NC,
-    C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    PREC: tl.constexpr,
+    C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    PREC: tl.constexpr, SPAN: tl.constexpr,
 ):
-    """Grid (NC, B · HK). L: (B · HK, NC, DK, DV), LSE: (B · HK, NC, DK), both fp32."""
+    """Grid (NC, B · HK). L: (B · HK, NC, DK, DV), LSE: (B · HK, NC, DK), both fp32; FLAGS:
+    (B · HK, NC) int32, 1 where the chunk needs the exact kernels (triton_diag.py)."""
     n = tl.program_id(0)
     bhk = tl.program_id(1)
     b, hk = bhk // HK, bhk % HK
@@ -47,27 +47,32 @@ def chunk_summary_kernel(
     e = tl.exp2(k2 - m[None, :])
     s = tl.sum(e, axis=0)
     lse = m + tl.log2(s)
-    state = tl.dot(tl.trans(e / s[None, :]), v, input_precision=PREC)  # (DK, DV)
+    state = mm(tl.trans(e / s[None, :]), v, PREC)  # (DK, DV)
     base = bhk.to(tl.int64) * NC + n
     tl.store(L + base * DK * DV + dk[:, None] * DV + dv[None, :], state)
     tl.store(LSE + base * DK + dk, lse)
+    tl.store(FLAGS + base, sub_chunks_exact_only(K, b.to(tl.int64), hk, n * C, T, skb, skh, skt, k2,
+                                                  SPAN, C, c, DK))
 
 
 @triton.jit
 def chunk_output_kernel(
-    Q, K, V, O, S_END, ZP,
+    Q, K, V, O, S_END, ZP, FLAGS,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
     T, HK, NC,
     G: tl.constexpr, C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    PREC: tl.constexpr, SPAN: tl.constexpr,
+    PREC: tl.constexpr, FAST: tl.constexpr,
 ):
     """Grid (NC, B · HK). S_END: (B · HK, NC, DK, DV) state after each chunk (scan output);
-    ZP: (B · HK, NC, DK) log2 z just before each chunk (-inf before the first)."""
+    ZP: (B · HK, NC, DK) log2 z just before each chunk (-inf before the first). FAST takes the
+    chunks FLAGS leaves unflagged, the exact variant the others."""
     n = tl.program_id(0)
     bhk = tl.program_id(1)
     b, hk = bhk // HK, bhk % HK
     dk, dv, ic = tl.arange(0, DK), tl.arange(0, DV), tl.arange(0, c)
     base = bhk.to(tl.int64) * NC + n
+    if (tl.load(FLAGS + base) == 0) != FAST:
+        return
     r = tl.load(ZP + base * DK + dk)
     S = state_before_chunk(S_END, bhk, n, NC, DK, DV)
     for i in range(C // c):
@@ -75,15 +80,16 @@ def chunk_output_kernel(
         t = t0 + ic
         tm = t < T
         t64 = t.to(tl.int64)
-        krow, k2, v, z, ref, safe, gr, kr = load_sub_chunk(
-            K, V, b.to(tl.int64), hk, t0, T, skb, skh, skt, svb, svh, svt, r, SPAN, c, DK, DV)
-        gate = tl.exp2(r[None, :] - z)  # (c, DK), <= 1; 0 before the first key
-        for g in range(G):
+        krow, k2, v, rd, e, gate, r_next, kn = load_sub_chunk(
+            K, V, b.to(tl.int64), hk, t0, T, skb, skh, skt, svb, svh, svt, r, c, DK, DV, PREC, FAST)
+        for g in tl.static_range(G):
             h = hk * G + g
             qp = Q + b.to(tl.int64) * sqb + h * sqh + t64[:, None] * sqt + dk[None, :]
             p = softmax_rows(tl.load(qp, mask=tm[:, None], other=0.0))
-            a = diag_scores(p, gr, kr, z, safe, krow, skt, T - t0, c, DK, PREC)
-            o = tl.dot(a, v, input_precision=PREC) + tl.dot(p * gate, S, input_precision=PREC)
+            a = diag_scores(p, rd, e, FAST, k2, r, krow, skt, T - t0, c, DK, PREC)
+            o = mm(a, v, PREC) + mm(p * gate, S, PREC)
             op = O + b.to(tl.int64) * sob + h * soh + t64[:, None] * sot + dv[None, :]
             tl.store(op, o.to(O.dtype.element_ty), mask=tm[:, None])
-        S, r = advance_state(S, r, z, k2, v, PREC)
+        if i < C // c - 1:  # the state after the chunk's last sub-chunk is the scan's
+            S = advance_state(S, r, r_next, kn, v, PREC)
+            r = r_next

@@ -21,12 +21,12 @@ from .triton_fwd import chunk_output_kernel, chunk_summary_kernel
 
 # Positions per chunk: the unit of parallel work and of the carried state. Larger chunks move
 # fewer (d_k × d_v) states through memory and give fewer, longer programs.
-CHUNK = int(os.environ.get("TITAN_LINEAR_TRITON_CHUNK", "128"))
-# Positions per same-sub-chunk block (triton_diag.py): 16 is the smallest Triton matrix product;
+CHUNK = int(os.environ.get("TITAN_LINEAR_TRITON_CHUNK", "256"))
+# Positions per same-sub-chunk block (triton_diag.py), the unit of the kernels' products:
 # larger blocks mean fewer, bigger products but fall back to the exact loop sooner.
 SUB_CHUNK = int(os.environ.get("TITAN_LINEAR_TRITON_SUB_CHUNK", "16"))
-# How far z may grow inside a sub-chunk (log2 units) before its block takes the exact loop
-# instead of products (triton_diag.py); a negative value forces the loop (tests use it).
+# How far (log2 units) the keys of a sub-chunk may spread before its chunk goes to the exact
+# kernels instead of products (triton_diag.py); a negative value sends every chunk there.
 SPAN = float(os.environ.get("TITAN_LINEAR_TRITON_SPAN", "100"))
 SCAN_CHUNKS = 16  # chunks per step of the scan's parallel block
 HEAD_DIMS = (16, 32, 64, 128)
@@ -56,16 +56,19 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def _warps(dk: int, dv: int) -> int:
-    # A (d_k, d_v) fp32 state and several (c, d) tiles live in registers per program.
-    # 8 warps: compiled for sm_90, the backward kernels spill nothing at head dim 64 (4 warps: they do).
-    default = 8 if max(dk, dv) >= 64 else 4
+    # Measured on an H100 (benchmarks/results/tune_h100.json): 4 warps beat 8 at head dim 64
+    # (more programs per SM hide the latency of each program's chain of small products).
+    default = 4
     return int(os.environ.get("TITAN_LINEAR_TRITON_WARPS", default))
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # Products of fp32 operands (states, gated queries): tf32 tensor cores lose ~1e-3, below the
-    # rounding of a bf16 / fp16 result; fp32 callers get full fp32 products.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # Operands of the kernels' products (triton_diag.mm). bf16 inputs: bf16 operands, the
+    # rounding FlashAttention applies to its probabilities (2^-9, below a bf16 result's own);
+    # fp16: tf32 (bf16 would round the fp16 values themselves); fp32: full fp32 products.
+    # Cumulative sums keep ~16 bits whatever this is (triton_diag.cumsum_rows).
+    default = {torch.float32: "ieee", torch.float16: "tf32"}.get(dtype, "bf16")
+    return default if dtype == torch.float32 else os.environ.get("TITAN_LINEAR_TRITON_DOT", default)
 
 
 def _like_bthd(x: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
@@ -107,9 +110,10 @@ def _scan(u, gate, scale, reverse: bool, width: int):
 @torch.library.custom_op("titan_linear::efficient_attn_fwd", mutates_args=())
 def efficient_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (o, s_end, z_end): o (bs, n_heads, seqlen, d_v); s_end (bs · n_kv_heads, chunks,
-    d_k, d_v) fp32 state after each chunk; z_end (bs · n_kv_heads, chunks, d_k) fp32 log2 z."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (o, s_end, z_end, flags): o (bs, n_heads, seqlen, d_v); s_end (bs · n_kv_heads,
+    chunks, d_k, d_v) fp32 state after each chunk; z_end (bs · n_kv_heads, chunks, d_k) fp32 log2
+    z; flags (bs · n_kv_heads, chunks) int32, the chunks the exact kernels take."""
     group = check_qkv(q, k, v)
     q, k, v = _unit_stride(q, k, v)
     bs, n_heads, seqlen, d_k = q.shape
@@ -118,11 +122,12 @@ def efficient_attn_fwd(
     f32 = dict(dtype=torch.float32, device=q.device)
     local = torch.empty(bs * n_kv, nc, d_k, d_v, **f32)
     lse2 = torch.empty(bs * n_kv, nc, d_k, **f32)
+    flags = torch.empty(bs * n_kv, nc, dtype=torch.int32, device=q.device)
     warps = _warps(d_k, d_v)
     grid = (nc, bs * n_kv)
     chunk_summary_kernel[grid](
-        k, v, local, lse2, *_strides(k), *_strides(v), seqlen, n_kv, nc,
-        C=CHUNK, DK=d_k, DV=d_v, PREC=_precision(q.dtype), num_warps=warps,
+        k, v, local, lse2, flags, *_strides(k), *_strides(v), seqlen, n_kv, nc,
+        C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v, PREC=_precision(q.dtype), SPAN=SPAN, num_warps=warps,
     )
     z_end = _chunk_z_end(lse2)
     z_prev = _z_before(z_end)
@@ -130,12 +135,13 @@ def efficient_attn_fwd(
     s_end = _scan(local.view(bs * n_kv, nc, -1), gate, scale, reverse=False, width=d_v)
     s_end = s_end.view(bs * n_kv, nc, d_k, d_v)
     o = _like_bthd(q, d_v, q.dtype)
-    chunk_output_kernel[grid](
-        q, k, v, o, s_end, z_prev, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v, PREC=_precision(q.dtype),
-        SPAN=SPAN, num_warps=warps,
-    )
-    return o, s_end, z_end
+    for fast in (True, False):  # the exact variant's programs return at once for unflagged chunks
+        chunk_output_kernel[grid](
+            q, k, v, o, s_end, z_prev, flags, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v,
+            PREC=_precision(q.dtype), FAST=fast, num_warps=warps,
+        )
+    return o, s_end, z_end, flags
 
 
 @efficient_attn_fwd.register_fake
@@ -144,15 +150,16 @@ def _(q, k, v):
     n_kv, d_v = k.shape[1], v.shape[-1]
     nc = -(-seqlen // CHUNK)
     s_end = q.new_empty(bs * n_kv, nc, d_k, d_v, dtype=torch.float32)
-    return _like_bthd(q, d_v, q.dtype), s_end, q.new_empty(bs * n_kv, nc, d_k, dtype=torch.float32)
+    z_end = q.new_empty(bs * n_kv, nc, d_k, dtype=torch.float32)
+    return _like_bthd(q, d_v, q.dtype), s_end, z_end, q.new_empty(bs * n_kv, nc, dtype=torch.int32)
 
 
 @torch.library.custom_op("titan_linear::efficient_attn_bwd", mutates_args=())
 def efficient_attn_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    s_end: torch.Tensor, z_end: torch.Tensor,
+    s_end: torch.Tensor, z_end: torch.Tensor, flags: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv from the output gradient and efficient_attn_fwd's saved s_end and z_end."""
+    """dq, dk, dv from the output gradient and efficient_attn_fwd's saved s_end, z_end, flags."""
     group = check_qkv(q, k, v)
     do, q, k, v = _unit_stride(do, q, k, v)
     bs, n_heads, seqlen, d_k = q.shape
@@ -166,40 +173,42 @@ def efficient_attn_bwd(
     later = torch.empty(bs * n_kv, nc, d_k, d_v + 1, **f32)
     warps = _warps(d_k, d_v)
     grid = (nc, bs * n_kv)
-    bwd_query_kernel[grid](
-        q, k, v, do, dq, cdp, s_end, z_prev, refs, later,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v, PREC=_precision(q.dtype),
-        SPAN=SPAN, num_warps=warps,
-    )
+    for fast in (True, False):
+        bwd_query_kernel[grid](
+            q, k, v, do, dq, cdp, s_end, z_prev, refs, later, flags,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v,
+            PREC=_precision(q.dtype), FAST=fast, num_warps=warps,
+        )
     # Reverse scan: slot n receives chunk n + 1's summary, decayed from Z_{n+1} to Z_n.
     gate = torch.cat([torch.exp2(z_end[:, :-1] - z_end[:, 1:]), torch.zeros_like(z_end[:, :1])], dim=1)
     later = _scan(later.view(bs * n_kv, nc, -1), gate.contiguous(), None, reverse=True, width=d_v + 1)
     dk = _like_bthd(k, d_k, k.dtype)
     dv = _like_bthd(v, d_v, v.dtype)
-    bwd_key_kernel[grid](
-        q, k, v, do, cdp, z_end, refs, later, dk, dv,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v, PREC=_precision(q.dtype),
-        SPAN=SPAN, num_warps=warps,
-    )
+    for fast in (True, False):
+        bwd_key_kernel[grid](
+            q, k, v, do, cdp, z_end, refs, later, dk, dv, flags,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+            seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v,
+            PREC=_precision(q.dtype), FAST=fast, num_warps=warps,
+        )
     return dq, dk, dv
 
 
 @efficient_attn_bwd.register_fake
-def _(do, q, k, v, s_end, z_end):
+def _(do, q, k, v, s_end, z_end, flags):
     return _like_bthd(q, q.shape[-1], q.dtype), _like_bthd(k, k.shape[-1], k.dtype), _like_bthd(v, v.shape[-1], v.dtype)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v = inputs
-    _, s_end, z_end = output
-    ctx.save_for_backward(q, k, v, s_end, z_end)
+    _, s_end, z_end, flags = output
+    ctx.save_for_backward(q, k, v, s_end, z_end, flags)
 
 
-def _backward(ctx, do, _ds_end, _dz_end):
-    q, k, v, s_end, z_end = ctx.saved_tensors
-    return efficient_attn_bwd(do, q, k, v, s_end, z_end)
+def _backward(ctx, do, _ds_end, _dz_end, _dflags):
+    q, k, v, s_end, z_end, flags = ctx.saved_tensors
+    return efficient_attn_bwd(do, q, k, v, s_end, z_end, flags)
 
 
 efficient_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
