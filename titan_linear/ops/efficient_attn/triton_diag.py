@@ -24,12 +24,21 @@ from .triton_common import LOG2E, lae2
 
 
 @triton.jit
+def _bf16_round(x):
+    return x.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
 def mm(a, b, PREC: tl.constexpr):
     """a @ b with fp32 accumulation. PREC "ieee" / "tf32": fp32 operands at that precision;
     "bf16": operands rounded to bf16 (same exponent range as fp32, so nothing overflows), the
-    rounding FlashAttention also applies to its probabilities; exact for bf16 inputs."""
+    rounding FlashAttention also applies to its probabilities; exact for bf16 inputs.
+    "bf16sim": the same rounding, then fp32 products: Triton's interpreter multiplies bf16
+    operands wrongly (as their integer bit patterns), so CPU tests check the bf16 path this way."""
     if PREC == "bf16":
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif PREC == "bf16sim":
+        return tl.dot(_bf16_round(a), _bf16_round(b), input_precision="ieee")
     else:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
 
@@ -47,10 +56,9 @@ def cumsum_rows(x, REVERSE: tl.constexpr, PREC: tl.constexpr):
     if PREC == "ieee":
         return tl.dot(tri, x, input_precision="ieee")
     else:
-        hi = x.to(tl.bfloat16)
-        lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
-        t16 = tri.to(tl.bfloat16)
-        return tl.dot(t16, hi) + tl.dot(t16, lo)
+        hi = _bf16_round(x)
+        lo = x - hi
+        return mm(tri, hi, "bf16sim" if PREC == "bf16sim" else "bf16") + mm(tri, lo, "bf16sim" if PREC == "bf16sim" else "bf16")
 
 
 @triton.jit

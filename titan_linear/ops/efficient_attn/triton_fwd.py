@@ -28,31 +28,43 @@ def chunk_summary_kernel(
     K, V, L, LSE, FLAGS,
     skb, skh, skt, svb, svh, svt,
     T, HK, NC,
-    C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    C: tl.constexpr, SB: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     PREC: tl.constexpr, SPAN: tl.constexpr,
 ):
     """Grid (NC, B · HK). L: (B · HK, NC, DK, DV), LSE: (B · HK, NC, DK), both fp32; FLAGS:
-    (B · HK, NC) int32, 1 where the chunk needs the exact kernels (triton_diag.py)."""
+    (B · HK, NC) int32, 1 where the chunk needs the exact kernels (triton_diag.py).
+
+    The chunk is read SB rows at a time with a running max (as in online softmax), so a long
+    chunk at head dim 128 in fp32 does not outgrow shared memory."""
     n = tl.program_id(0)
     bhk = tl.program_id(1)
     b, hk = bhk // HK, bhk % HK
-    t = n * C + tl.arange(0, C)
-    tm = t < T
+    b64 = b.to(tl.int64)
     dk, dv = tl.arange(0, DK), tl.arange(0, DV)
-    kp = K + b.to(tl.int64) * skb + hk * skh + t[:, None].to(tl.int64) * skt + dk[None, :]
-    vp = V + b.to(tl.int64) * svb + hk * svh + t[:, None].to(tl.int64) * svt + dv[None, :]
-    k2 = tl.load(kp, mask=tm[:, None], other=float("-inf")).to(tl.float32) * LOG2E
-    v = tl.load(vp, mask=tm[:, None], other=0.0).to(tl.float32)
-    m = tl.max(k2, axis=0)  # finite: every chunk holds at least one real position
-    e = tl.exp2(k2 - m[None, :])
-    s = tl.sum(e, axis=0)
-    lse = m + tl.log2(s)
-    state = mm(tl.trans(e / s[None, :]), v, PREC)  # (DK, DV)
+    m = tl.full([DK], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([DK], dtype=tl.float32)
+    state = tl.zeros([DK, DV], dtype=tl.float32)
+    flag = 0
+    for j in range(C // SB):
+        t0 = n * C + j * SB
+        t = t0 + tl.arange(0, SB)
+        tm = t < T
+        kp = K + b64 * skb + hk * skh + t[:, None].to(tl.int64) * skt + dk[None, :]
+        vp = V + b64 * svb + hk * svh + t[:, None].to(tl.int64) * svt + dv[None, :]
+        k2 = tl.load(kp, mask=tm[:, None], other=float("-inf")).to(tl.float32) * LOG2E
+        v = tl.load(vp, mask=tm[:, None], other=0.0).to(tl.float32)
+        # Finite from the first block on: every chunk starts with a real position.
+        m_new = tl.maximum(m, tl.max(k2, axis=0))
+        alpha = tl.exp2(m - m_new)
+        e = tl.exp2(k2 - m_new[None, :])
+        s = s * alpha + tl.sum(e, axis=0)
+        state = state * alpha[:, None] + mm(tl.trans(e), v, PREC)
+        m = m_new
+        flag = tl.maximum(flag, sub_chunks_exact_only(K, b64, hk, t0, T, skb, skh, skt, k2, SPAN, SB, c, DK))
     base = bhk.to(tl.int64) * NC + n
-    tl.store(L + base * DK * DV + dk[:, None] * DV + dv[None, :], state)
-    tl.store(LSE + base * DK + dk, lse)
-    tl.store(FLAGS + base, sub_chunks_exact_only(K, b.to(tl.int64), hk, n * C, T, skb, skh, skt, k2,
-                                                  SPAN, C, c, DK))
+    tl.store(L + base * DK * DV + dk[:, None] * DV + dv[None, :], state / s[:, None])
+    tl.store(LSE + base * DK + dk, m + tl.log2(s))
+    tl.store(FLAGS + base, flag)
 
 
 @triton.jit
@@ -90,6 +102,7 @@ def chunk_output_kernel(
             o = mm(a, v, PREC) + mm(p * gate, S, PREC)
             op = O + b.to(tl.int64) * sob + h * soh + t64[:, None] * sot + dv[None, :]
             tl.store(op, o.to(O.dtype.element_ty), mask=tm[:, None])
-        if i < C // c - 1:  # the state after the chunk's last sub-chunk is the scan's
-            S = advance_state(S, r, r_next, kn, v, PREC)
-            r = r_next
+        # Also after the last sub-chunk, where the scan already has the state: a product inside
+        # an `if` here made Triton 3.6's bf16 output wrong and nondeterministic on an H100.
+        S = advance_state(S, r, r_next, kn, v, PREC)
+        r = r_next

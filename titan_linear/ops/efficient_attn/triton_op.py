@@ -57,8 +57,9 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 def _warps(dk: int, dv: int) -> int:
     # Measured on an H100 (benchmarks/results/tune_h100.json): 4 warps beat 8 at head dim 64
-    # (more programs per SM hide the latency of each program's chain of small products).
-    default = 4
+    # (more programs per SM hide the latency of each program's chain of small products); at
+    # head dim 128 the (d_k, d_v) state alone is 128 fp32 registers per thread at 4 warps.
+    default = 4 if max(dk, dv) <= 64 else 8
     return int(os.environ.get("TITAN_LINEAR_TRITON_WARPS", default))
 
 
@@ -67,6 +68,7 @@ def _precision(dtype: torch.dtype) -> str:
     # rounding FlashAttention applies to its probabilities (2^-9, below a bf16 result's own);
     # fp16: tf32 (bf16 would round the fp16 values themselves); fp32: full fp32 products.
     # Cumulative sums keep ~16 bits whatever this is (triton_diag.cumsum_rows).
+    # TITAN_LINEAR_TRITON_DOT overrides it below fp32 (tests: "bf16sim", triton_diag.mm).
     default = {torch.float32: "ieee", torch.float16: "tf32"}.get(dtype, "bf16")
     return default if dtype == torch.float32 else os.environ.get("TITAN_LINEAR_TRITON_DOT", default)
 
@@ -127,7 +129,8 @@ def efficient_attn_fwd(
     grid = (nc, bs * n_kv)
     chunk_summary_kernel[grid](
         k, v, local, lse2, flags, *_strides(k), *_strides(v), seqlen, n_kv, nc,
-        C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v, PREC=_precision(q.dtype), SPAN=SPAN, num_warps=warps,
+        C=CHUNK, SB=max(min(CHUNK, 64), SUB_CHUNK), c=SUB_CHUNK, DK=d_k, DV=d_v, PREC=_precision(q.dtype),
+        SPAN=SPAN, num_warps=warps,
     )
     z_end = _chunk_z_end(lse2)
     z_prev = _z_before(z_end)
