@@ -94,7 +94,7 @@ def chunk_output_kernel(
         t64 = t.to(tl.int64)
         krow, k2, v, rd, e, gate, r_next, kn = load_sub_chunk(
             K, V, b.to(tl.int64), hk, t0, T, skb, skh, skt, svb, svh, svt, r, c, DK, DV, PREC, FAST)
-        for g in tl.static_range(G):
+        for g in range(G):
             h = hk * G + g
             qp = Q + b.to(tl.int64) * sqb + h * sqh + t64[:, None] * sqt + dk[None, :]
             p = softmax_rows(tl.load(qp, mask=tm[:, None], other=0.0))
