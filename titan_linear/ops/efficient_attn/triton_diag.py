@@ -141,11 +141,13 @@ def advance_state(S, r, r_next, kn, v, PREC: tl.constexpr):
 
 
 @triton.jit
-def _key_row(krow, s, n_valid, D: tl.constexpr):
-    """Row s of the sub-chunk's keys in log2 units (-inf past the sequence)."""
+def _key_weights(krow, skt, s, n_valid, z, c: tl.constexpr, D: tl.constexpr):
+    """The exact loop's column s: 2^(k2_s − z2_t) (c, D) for t >= s, 0 for t < s, from row s of
+    the sub-chunk's keys (krow: first row, stride skt; -inf past the sequence)."""
     # A row past the sequence reads nothing: the bound is D for a real row, 0 otherwise.
-    ks = tl.load(krow + tl.arange(0, D), mask=tl.arange(0, D) < tl.where(s < n_valid, D, 0), other=float("-inf"))
-    return ks.to(tl.float32) * LOG2E
+    ks = tl.load(krow + s * skt + tl.arange(0, D), mask=tl.arange(0, D) < tl.where(s < n_valid, D, 0),
+                 other=float("-inf")).to(tl.float32) * LOG2E
+    return tl.exp2(tl.where(tl.arange(0, c)[:, None] >= s, ks[None, :] - z, float("-inf")))
 
 
 @triton.jit
@@ -163,8 +165,7 @@ def diag_scores(p, rd, e, FAST: tl.constexpr, k2, r, krow, skt, n_valid, c: tl.c
         z = sub_chunk_z(k2, r)
         a = tl.zeros([c, c], dtype=tl.float32)
         for s in range(c):
-            ks = _key_row(krow + s * skt, s, n_valid, D)
-            w = tl.exp2(tl.where(ic[:, None] >= s, ks[None, :] - z, float("-inf")))
+            w = _key_weights(krow, skt, s, n_valid, z, c, D)
             a = tl.where(ic[None, :] == s, tl.sum(p * w, axis=1)[:, None], a)
     return tl.where(causal, a, 0.0)
 
@@ -181,8 +182,7 @@ def diag_dp(da, rd, e, FAST: tl.constexpr, k2, r, krow, skt, n_valid, c: tl.cons
         z = sub_chunk_z(k2, r)
         dp = tl.zeros([c, D], dtype=tl.float32)
         for s in range(c):
-            ks = _key_row(krow + s * skt, s, n_valid, D)
-            w = tl.exp2(tl.where(ic[:, None] >= s, ks[None, :] - z, float("-inf")))
+            w = _key_weights(krow, skt, s, n_valid, z, c, D)
             dp += w * tl.sum(tl.where(ic[None, :] == s, da, 0.0), axis=1)[:, None]
     return dp
 
@@ -204,8 +204,7 @@ def diag_dk(p, cdp, da, rd, e, FAST: tl.constexpr, k2, r, krow, skt, n_valid, c:
         a = tl.zeros([c, c], dtype=tl.float32)
         dk = tl.zeros([c, D], dtype=tl.float32)
         for s in range(c):
-            ks = _key_row(krow + s * skt, s, n_valid, D)
-            w = tl.exp2(tl.where(ic[:, None] >= s, ks[None, :] - z, float("-inf")))
+            w = _key_weights(krow, skt, s, n_valid, z, c, D)
             a = tl.where(ic[None, :] == s, tl.sum(p * w, axis=1)[:, None], a)
             da_s = tl.sum(tl.where(ic[None, :] == s, da, 0.0), axis=1)
             dk_s = tl.sum(w * (p * da_s[:, None] - cdp), axis=0)

@@ -63,14 +63,18 @@ def _warps(dk: int, dv: int) -> int:
     return int(os.environ.get("TITAN_LINEAR_TRITON_WARPS", default))
 
 
+# Product operands below fp32, overriding _precision's choice (tests: "bf16sim", triton_diag.mm).
+DOT = os.environ.get("TITAN_LINEAR_TRITON_DOT")
+
+
 def _precision(dtype: torch.dtype) -> str:
     # Operands of the kernels' products (triton_diag.mm). bf16 inputs: bf16 operands, the
     # rounding FlashAttention applies to its probabilities (2^-9, below a bf16 result's own);
     # fp16: tf32 (bf16 would round the fp16 values themselves); fp32: full fp32 products.
     # Cumulative sums keep ~16 bits whatever this is (triton_diag.cumsum_rows).
-    # TITAN_LINEAR_TRITON_DOT overrides it below fp32 (tests: "bf16sim", triton_diag.mm).
-    default = {torch.float32: "ieee", torch.float16: "tf32"}.get(dtype, "bf16")
-    return default if dtype == torch.float32 else os.environ.get("TITAN_LINEAR_TRITON_DOT", default)
+    if dtype == torch.float32:
+        return "ieee"
+    return DOT or ("tf32" if dtype == torch.float16 else "bf16")
 
 
 def _like_bthd(x: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
