@@ -113,6 +113,15 @@ def _scan(u, gate, scale, reverse: bool, width: int):
     return x
 
 
+def _per_chunk(kernel, grid, args: tuple, group: int, d_k: int, d_v: int, dtype: torch.dtype) -> None:
+    """Launch both compiled variants of a per-chunk kernel (triton_diag.py): FAST for the chunks
+    the summary left unflagged, then the exact one for the flagged; each variant's programs
+    return at once for the other's chunks."""
+    for fast in (True, False):
+        kernel[grid](*args, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v, PREC=_precision(dtype),
+                     FAST=fast, num_warps=_warps(d_k, d_v))
+
+
 @torch.library.custom_op("titan_linear::efficient_attn_fwd", mutates_args=())
 def efficient_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -142,12 +151,9 @@ def efficient_attn_fwd(
     s_end = _scan(local.view(bs * n_kv, nc, -1), gate, scale, reverse=False, width=d_v)
     s_end = s_end.view(bs * n_kv, nc, d_k, d_v)
     o = _like_bthd(q, d_v, q.dtype)
-    for fast in (True, False):  # the exact variant's programs return at once for unflagged chunks
-        chunk_output_kernel[grid](
-            q, k, v, o, s_end, z_prev, flags, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v,
-            PREC=_precision(q.dtype), FAST=fast, num_warps=warps,
-        )
+    _per_chunk(chunk_output_kernel, grid, (
+        q, k, v, o, s_end, z_prev, flags, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        seqlen, n_kv, nc), group, d_k, d_v, q.dtype)
     return o, s_end, z_end, flags
 
 
@@ -178,27 +184,20 @@ def efficient_attn_bwd(
     cdp = torch.empty(bs, n_heads, seqlen, d_k, **f32)
     refs = torch.empty(bs * n_kv, nc, CHUNK // SUB_CHUNK, d_k, **f32)
     later = torch.empty(bs * n_kv, nc, d_k, d_v + 1, **f32)
-    warps = _warps(d_k, d_v)
     grid = (nc, bs * n_kv)
-    for fast in (True, False):
-        bwd_query_kernel[grid](
-            q, k, v, do, dq, cdp, s_end, z_prev, refs, later, flags,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v,
-            PREC=_precision(q.dtype), FAST=fast, num_warps=warps,
-        )
+    _per_chunk(bwd_query_kernel, grid, (
+        q, k, v, do, dq, cdp, s_end, z_prev, refs, later, flags,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        seqlen, n_kv, nc), group, d_k, d_v, q.dtype)
     # Reverse scan: slot n receives chunk n + 1's summary, decayed from Z_{n+1} to Z_n.
     gate = torch.cat([torch.exp2(z_end[:, :-1] - z_end[:, 1:]), torch.zeros_like(z_end[:, :1])], dim=1)
     later = _scan(later.view(bs * n_kv, nc, -1), gate.contiguous(), None, reverse=True, width=d_v + 1)
     dk = _like_bthd(k, d_k, k.dtype)
     dv = _like_bthd(v, d_v, v.dtype)
-    for fast in (True, False):
-        bwd_key_kernel[grid](
-            q, k, v, do, cdp, z_end, refs, later, dk, dv, flags,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-            seqlen, n_kv, nc, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v,
-            PREC=_precision(q.dtype), FAST=fast, num_warps=warps,
-        )
+    _per_chunk(bwd_key_kernel, grid, (
+        q, k, v, do, cdp, z_end, refs, later, dk, dv, flags,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        seqlen, n_kv, nc), group, d_k, d_v, q.dtype)
     return dq, dk, dv
 
 
