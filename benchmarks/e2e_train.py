@@ -7,8 +7,12 @@ peak reserved memory of the steps after warm-up, and appends rows to a JSON file
     python benchmarks/e2e_train.py --configs llama3_1b llama3_1b_linear_0.50 \
         --seq-lens 2048:4 8192:1 --steps 30 --out benchmarks/results/e2e_h100.json
 
-`--seq-lens` takes seq_len:local_batch_size pairs. Data: the packaged text and
-tokenizer (token ids < 2048 are valid inputs of any vocabulary), so it runs offline.
+`--seq-lens` takes seq_len:local_batch_size pairs. `--ngpu` sets the processes (NGPU, default
+1: on a many-GPU machine run_train.sh would otherwise take them all); with FSDP the local batch
+stays per GPU, so rows of 1 and N GPUs measure weak scaling (tokens/s is TorchTitan's, per GPU).
+Each row records which efficient-attention implementation served the linear layers and the
+loss at every logged step. Data: the packaged text and tokenizer (token ids < 2048 are valid
+inputs of any vocabulary), so it runs offline.
 """
 
 import argparse
@@ -35,27 +39,40 @@ def parse_steps(log: str) -> list[dict]:
     return rows
 
 
-def run_one(config: str, seq_len: int, batch: int, steps: int, extra: list[str], log_dir: str) -> dict:
-    dump = os.path.join(log_dir, f"{config}_{seq_len}")
+def linear_attn_impl() -> str:
+    """The implementation the training runs' linear layers get (bf16 on the GPU, if any)."""
+    import torch
+
+    from titan_linear.ops.efficient_attn import impl_name
+
+    return impl_name("cuda" if torch.cuda.is_available() else "cpu", torch.bfloat16)
+
+
+def run_one(config: str, seq_len: int, batch: int, steps: int, extra: list[str], log_dir: str,
+            ngpu: int = 1, log_freq: int = 5) -> dict:
+    name = f"{config}_{seq_len}_{ngpu}gpu"
+    dump = os.path.join(log_dir, name)
     cmd = [
         os.path.join(ROOT, "run_train.sh"), "--config", os.path.join(ROOT, "train_configs", f"{config}.toml"),
         "--training.steps", str(steps), "--training.seq_len", str(seq_len),
         "--training.local_batch_size", str(batch), "--training.dataset", "tinyshakespeare",
         "--model.hf_assets_path", os.path.join(ROOT, "titan_linear", "assets", "tokenizer"),
-        "--metrics.log_freq", "5", "--metrics.disable_color_printing", "--metrics.no-enable-tensorboard",
+        "--metrics.log_freq", str(log_freq), "--metrics.disable_color_printing", "--metrics.no-enable-tensorboard",
         "--checkpoint.no-enable", "--job.dump_folder", dump, *extra,
     ]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
+    env = {**os.environ, "PYTHON": sys.executable, "NGPU": str(ngpu)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.time() - t0
     log = proc.stdout + proc.stderr
-    with open(os.path.join(log_dir, f"{config}_{seq_len}.log"), "w") as f:
+    with open(os.path.join(log_dir, f"{name}.log"), "w") as f:
         f.write(log)
     steps_logged = parse_steps(log)
     # Skip the first logged windows: compilation and allocator warm-up.
     steady = [r for r in steps_logged if r["step"] > min(10, steps // 2)]
-    row = {"config": config, "seq_len": seq_len, "local_batch_size": batch, "steps": steps,
-           "extra_args": " ".join(extra), "returncode": proc.returncode, "wall_s": round(wall, 1)}
+    row = {"config": config, "seq_len": seq_len, "local_batch_size": batch, "ngpu": ngpu, "steps": steps,
+           "extra_args": " ".join(extra), "linear_attn_impl": linear_attn_impl(),
+           "returncode": proc.returncode, "wall_s": round(wall, 1)}
     if proc.returncode != 0 or not steady:
         row["error"] = log.strip().splitlines()[-5:] if log.strip() else ["no output"]
         return row
@@ -64,6 +81,7 @@ def run_one(config: str, seq_len: int, batch: int, steps: int, extra: list[str],
         "mfu": round(sum(r["mfu"] for r in steady) / len(steady), 2),
         "peak_gib": max(r["peak_gib"] for r in steps_logged),
         "final_loss": steps_logged[-1]["loss"],
+        "losses": [[r["step"], r["loss"]] for r in steps_logged],
     })
     return row
 
@@ -73,6 +91,8 @@ def main() -> int:
     ap.add_argument("--configs", nargs="+", required=True)
     ap.add_argument("--seq-lens", nargs="+", default=["2048:4", "8192:1"])
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--ngpu", type=int, default=1, help="processes on this node (NGPU)")
+    ap.add_argument("--log-freq", type=int, default=5, help="steps between logged losses")
     ap.add_argument("--out", required=True)
     ap.add_argument("--log-dir", default=os.path.join(ROOT, "outputs", "bench_e2e"))
     ap.add_argument("--device", default="", help="device name recorded in each row")
@@ -84,7 +104,7 @@ def main() -> int:
     for pair in a.seq_lens:
         seq_len, batch = (int(x) for x in pair.split(":"))
         for config in a.configs:
-            row = run_one(config, seq_len, batch, a.steps, extra, a.log_dir)
+            row = run_one(config, seq_len, batch, a.steps, extra, a.log_dir, a.ngpu, a.log_freq)
             row["device"] = a.device
             print(json.dumps(row), flush=True)
             rows.append(row)

@@ -32,6 +32,7 @@ from torchtitan.protocols.train_spec import get_train_spec  # noqa: E402
 
 from titan_linear.inference import decode_step, prefill, prepare_model  # noqa: E402
 from titan_linear.inference.build import materialize  # noqa: E402
+from titan_linear.ops.efficient_attn import impl_name  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GIB = 2**30
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model = prepare_model(materialize(spec.model_cls, args, device, a.seed), dtype)
         for context in a.contexts:
             row = {"config": f"{a.name} {a.flavor}", "ratio": ratio, "layer_map": args.layer_map,
-                   "batch": a.batch, "device": device_name, "dtype": str(dtype).removeprefix("torch.")}
+                   "batch": a.batch, "device": device_name, "dtype": str(dtype).removeprefix("torch."),
+                   "linear_attn_impl": impl_name(device, dtype, args.dim // args.n_heads)}
             try:
                 row.update(measure(model, context, a.decode_tokens, a.batch, device, a.seed))
             except torch.OutOfMemoryError as e:

@@ -7,6 +7,9 @@ Reads whichever of these the folder holds (any suffix, e.g. attention_h100.json)
   and head dim, and each impl's speed-up over sdpa (sdpa ms / impl ms: above 1 is faster);
 - e2e_*.json (benchmarks/e2e_train.py): tokens/s, MFU and peak memory per config and seq_len,
   and each config's tokens/s relative to the baseline config (--baseline) at the same seq_len;
+- scaling_*.json (benchmarks/e2e_train.py --ngpu N): tokens/s per GPU of each config on N GPUs
+  against 1 GPU at the same seq_len and local batch (weak-scaling efficiency), FSDP by default,
+  other layouts (tensor parallel) named by their overrides;
 - inference_*.json (benchmarks/inference.py): prefill ms, decode ms per token, cache and peak
   GiB by context for each linear-attention ratio.
 A measurement present twice in one file (e2e_train.py appends to its file) counts once: the
@@ -20,7 +23,7 @@ import math
 import sys
 from pathlib import Path
 
-KINDS = ("attention", "e2e", "inference")
+KINDS = ("attention", "e2e", "scaling", "inference")
 
 
 def fmt(v, digits: int = 3) -> str:
@@ -93,22 +96,48 @@ def attention_section(name: str, rows: list[dict]) -> tuple[list[str], list[dict
     return out + error_lines(errors), plots
 
 
+def run_error(r: dict, what: str) -> list[str]:
+    if "error" not in r and r.get("returncode", 0) == 0:
+        return []
+    err = r.get("error", "")
+    return [f"{what}: {err[-1] if isinstance(err, list) and err else err}"]
+
+
 def e2e_section(name: str, rows: list[dict], baseline: str) -> tuple[list[str], list[dict]]:
-    cells = latest(rows, "config", "seq_len")
-    base = {s: r.get("tokens_per_s") for (c, s), r in cells.items() if c == baseline}
+    # Rows of the torch and the Triton path of linear layers are kept apart; each is compared
+    # with the baseline measured in the same campaign (same impl label).
+    cells = latest(rows, "config", "seq_len", "linear_attn_impl")
+    base = {(s, i): r.get("tokens_per_s") for (c, s, i), r in cells.items() if c == baseline}
     body, errors = [], []
-    for (config, seq), r in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0] != baseline, kv[0][0])):
+    for (config, seq, impl), r in sorted(cells.items(), key=lambda kv: (str(kv[0][2]), kv[0][1],
+                                                                        kv[0][0] != baseline, kv[0][0])):
         tps = r.get("tokens_per_s")
-        ratio = f"{tps / base[seq]:.2f}" if tps and base.get(seq) else "—"
-        if "error" in r or r.get("returncode", 0) != 0:
-            err = r.get("error", "")
-            errors.append(f"{config} seq_len {seq}: {err[-1] if isinstance(err, list) and err else err}")
+        ratio = f"{tps / base[seq, impl]:.2f}" if tps and base.get((seq, impl)) else "—"
+        errors += run_error(r, f"{config} seq_len {seq}")
         mfu = r.get("mfu")
-        body.append([config, str(seq), str(r.get("local_batch_size", "")), f"{tps:,.0f}" if tps else "failed",
-                     f"{mfu:.1f}%" if mfu is not None else "—", fmt(r.get("peak_gib")), ratio,
-                     fmt(r.get("final_loss"), 4)])
-    header = ["config", "seq_len", "batch", "tokens/s", "MFU", "peak GiB", f"tokens/s vs {baseline}", "final loss"]
+        body.append([config, str(seq), str(r.get("local_batch_size", "")), impl or "—",
+                     f"{tps:,.0f}" if tps else "failed", f"{mfu:.1f}%" if mfu is not None else "—",
+                     fmt(r.get("peak_gib")), ratio, fmt(r.get("final_loss"), 4)])
+    header = ["config", "seq_len", "batch", "linear layers", "tokens/s", "MFU", "peak GiB",
+              f"tokens/s vs {baseline}", "final loss"]
     out = [f"## End-to-end training ({name}.json)", "", f"Device: {devices(rows)}.", "", *table(header, body)]
+    return out + error_lines(errors), []
+
+
+def scaling_section(name: str, rows: list[dict]) -> tuple[list[str], list[dict]]:
+    cells = latest(rows, "config", "seq_len", "local_batch_size", "ngpu", "extra_args")
+    one = {(c, s, b): r.get("tokens_per_s") for (c, s, b, n, x), r in cells.items() if n == 1 and not x}
+    body, errors = [], []
+    for (config, seq, batch, ngpu, extra), r in sorted(cells.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        tps = r.get("tokens_per_s")
+        ref = one.get((config, seq, batch))
+        errors += run_error(r, f"{config} seq_len {seq} on {ngpu} GPUs {extra}".strip())
+        body.append([config, str(seq), str(batch), str(ngpu), extra or ("FSDP" if ngpu > 1 else "—"),
+                     f"{tps:,.0f}" if tps else "failed", f"{tps / ref:.1%}" if tps and ref else "—",
+                     fmt(r.get("peak_gib")), fmt(r.get("final_loss"), 4)])
+    header = ["config", "seq_len", "batch per GPU", "GPUs", "parallelism", "tokens/s per GPU",
+              "vs 1 GPU", "peak GiB", "final loss"]
+    out = [f"## Scaling ({name}.json)", "", f"Device: {devices(rows)}.", "", *table(header, body)]
     return out + error_lines(errors), []
 
 
@@ -191,6 +220,8 @@ def render(folder: Path, baseline: str = "llama3_1b") -> tuple[Path, str | None]
                 lines, p = attention_section(path.stem, rows)
             elif kind == "e2e":
                 lines, p = e2e_section(path.stem, rows, baseline)
+            elif kind == "scaling":
+                lines, p = scaling_section(path.stem, rows)
             else:
                 lines, p = inference_section(path.stem, rows)
             sections.append((lines, p))
@@ -203,7 +234,7 @@ def render(folder: Path, baseline: str = "llama3_1b") -> tuple[Path, str | None]
         skipped = "matplotlib is not installed (pip install -e '.[bench]')"
     md = ["# Benchmark summary", "", "Generated by `python benchmarks/report.py` from the JSON files in this folder."]
     if not sections:
-        md += ["", "No attention_*.json, e2e_*.json or inference_*.json here yet."]
+        md += ["", "No attention_*.json, e2e_*.json, scaling_*.json or inference_*.json here yet."]
     for lines, p in sections:
         md += ["", *lines]
         md += [f"\n![{f}]({f})" for f in (q["file"] for q in p) if f in written]

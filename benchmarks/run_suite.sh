@@ -5,7 +5,7 @@
 #   SUITE="attention inference" OUT=/tmp/bench TAG=h200 benchmarks/run_suite.sh
 #
 # Environment:
-#   SUITE         parts to run, in order (default "tune attention e2e inference"); "tune" times the
+#   SUITE         parts to run, in order (default "tune attention e2e scaling inference"); "tune" times the
 #                 Triton kernels' chunk, sub-chunk and warps (TITAN_LINEAR_TRITON_CHUNK / _SUB_CHUNK
 #                 / _WARPS) at T = 8192 into tune_<TAG>.json: set the best as triton_op.py's defaults
 #   OUT           results folder (default benchmarks/results): <part>_<TAG>.json, SUMMARY.md, PNGs
@@ -15,6 +15,10 @@
 #   E2E_CONFIGS   configs for e2e_train.py (default "llama3_1b llama3_1b_linear_0.50
 #                 llama3_1b_linear_1.00", at seq_len:batch 2048:4 8192:1 32768:1); e2e_train.py
 #                 appends to its file and the report keeps the last row of each config and seq_len
+#   SCALING_CONFIGS, SCALING_SEQ_LENS   the "scaling" part (default llama3_1b_linear_0.50 at 8192:1):
+#                 e2e_train.py on 1, 2, 4, 8 GPUs (as many as present; skipped with fewer than 2) with
+#                 FSDP and the same batch per GPU (weak scaling), then tensor parallel 2 on 2 GPUs,
+#                 into scaling_<TAG>.json
 #   ATTN_ARGS, E2E_ARGS, INFER_ARGS   extra arguments for each script (e.g. E2E_ARGS="--steps 50")
 #   PYTHON        interpreter (default python3)
 # A part that fails does not stop the others; the exit status is 1 if any failed.
@@ -26,7 +30,25 @@ TAG=${TAG:-h100}
 mkdir -p "$OUT"
 failed=""
 
-for part in ${SUITE:-tune attention e2e inference}; do
+scaling() {
+  local n device rc=0 g
+  n=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+  if (( n < 2 )); then
+    echo "run_suite.sh: $n GPU(s) here: scaling needs 2 or more, skipped" >&2
+    return 0
+  fi
+  device=$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name())')
+  local common=(--configs ${SCALING_CONFIGS:-llama3_1b_linear_0.50} --seq-lens ${SCALING_SEQ_LENS:-8192:1}
+                --out "$OUT/scaling_$TAG.json" --device "$device" ${E2E_ARGS:-})
+  for g in 1 2 4 8; do
+    (( g <= n )) || break
+    "$PYTHON" benchmarks/e2e_train.py "${common[@]}" --ngpu "$g" || rc=1
+  done
+  "$PYTHON" benchmarks/e2e_train.py "${common[@]}" --ngpu 2 -- --parallelism.tensor_parallel_degree 2 || rc=1
+  return $rc
+}
+
+for part in ${SUITE:-tune attention e2e scaling inference}; do
   echo "run_suite.sh: $part" >&2
   case $part in
     tune)
@@ -55,13 +77,14 @@ PY
       device=$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name())')
       "$PYTHON" benchmarks/e2e_train.py --configs ${E2E_CONFIGS:-llama3_1b llama3_1b_linear_0.50 llama3_1b_linear_1.00} \
         --seq-lens 2048:4 8192:1 32768:1 --out "$OUT/e2e_$TAG.json" --device "$device" ${E2E_ARGS:-} ;;
+    scaling) scaling ;;
     inference)
       if [[ ! -f benchmarks/inference.py ]]; then
         echo "run_suite.sh: benchmarks/inference.py does not exist yet: inference skipped" >&2
         continue
       fi
       "$PYTHON" benchmarks/inference.py --out "$OUT/inference_$TAG.json" ${INFER_ARGS:-} ;;
-    *) echo "run_suite.sh: unknown part '$part' in SUITE (allowed: tune attention e2e inference)" >&2; exit 2 ;;
+    *) echo "run_suite.sh: unknown part '$part' in SUITE (allowed: tune attention e2e scaling inference)" >&2; exit 2 ;;
   esac || failed+=" $part"
 done
 

@@ -70,10 +70,10 @@ def test_report_tables(tmp_path):
     assert "chunked T=4096 head_dim=64: OutOfMemoryError: CUDA out of memory" in md
 
     # e2e: tokens/s relative to llama3_1b at the same seq_len; no baseline at 8192
-    assert _rows(md, "llama3_1b") == [["llama3_1b", "2048", "4", "40,000", "40.1%", "26.3", "1.00", "5.346"]]
+    assert _rows(md, "llama3_1b") == [["llama3_1b", "2048", "4", "—", "40,000", "40.1%", "26.3", "1.00", "5.346"]]
     assert _rows(md, "llama3_1b_linear_0.50") == [
-        ["llama3_1b_linear_0.50", "2048", "4", "30,000", "31.3%", "20.0", "0.75", "5.251"],
-        ["llama3_1b_linear_0.50", "8192", "1", "35,000", "34.3%", "21.0", "—", "5.200"],
+        ["llama3_1b_linear_0.50", "2048", "4", "—", "30,000", "31.3%", "20.0", "0.75", "5.251"],
+        ["llama3_1b_linear_0.50", "8192", "1", "—", "35,000", "34.3%", "21.0", "—", "5.200"],
     ]
     assert "boom" not in md  # the failed row was replaced by its rerun
 
@@ -99,6 +99,35 @@ def test_report_reads_whichever_files_exist(tmp_path):
     md = (tmp_path / "SUMMARY.md").read_text()
     assert "## End-to-end training (e2e_h100.json)" in md
     assert "Attention" not in md and "Inference" not in md
-    assert _rows(md, "llama3_1b_linear_0.50")[0][6] == "0.75"
+    assert _rows(md, "llama3_1b_linear_0.50")[0][7] == "0.75"
     assert not list(tmp_path.glob("*.png"))  # e2e has no plots
     assert "Traceback" not in proc.stderr
+
+
+def test_report_keeps_linear_impls_apart(tmp_path):
+    # the torch and the Triton path of linear layers, each against its own campaign's baseline
+    rows = [dict(r, linear_attn_impl=impl, tokens_per_s=r["tokens_per_s"] * f)
+            for impl, f in (("torch (chunked)", 1), ("triton", 2)) for r in E2E[1:3]]
+    _write(tmp_path, e2e_h100=rows)
+    _run(tmp_path)
+    md = (tmp_path / "SUMMARY.md").read_text()
+    got = {(r[3], r[4], r[7]) for r in _rows(md, "llama3_1b_linear_0.50")}
+    assert got == {("torch (chunked)", "30,000", "0.75"), ("triton", "60,000", "0.75")}
+
+
+def test_report_scaling(tmp_path):
+    base = {"config": "llama3_1b_linear_0.50", "seq_len": 8192, "local_batch_size": 1, "returncode": 0,
+            "peak_gib": 30.0, "final_loss": 5.5, "device": DEV}
+    rows = [dict(base, ngpu=1, extra_args="", tokens_per_s=40000),
+            dict(base, ngpu=2, extra_args="", tokens_per_s=37000),
+            dict(base, ngpu=2, extra_args="--parallelism.tensor_parallel_degree 2", tokens_per_s=30000),
+            dict(base, ngpu=4, extra_args="", returncode=1, error=["NCCL timeout"])]
+    _write(tmp_path, scaling_h200=rows)
+    _run(tmp_path)
+    md = (tmp_path / "SUMMARY.md").read_text()
+    assert "## Scaling (scaling_h200.json)" in md
+    got = {(r[3], r[4], r[5], r[6]) for r in _rows(md, "llama3_1b_linear_0.50")}
+    assert got == {("1", "—", "40,000", "100.0%"), ("2", "FSDP", "37,000", "92.5%"),
+                   ("2", "--parallelism.tensor_parallel_degree 2", "30,000", "75.0%"),
+                   ("4", "FSDP", "failed", "—")}
+    assert "llama3_1b_linear_0.50 seq_len 8192 on 4 GPUs: NCCL timeout" in md

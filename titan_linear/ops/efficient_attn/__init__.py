@@ -30,6 +30,7 @@ __all__ = [
     "efficient_attention_recurrent",
     "efficient_attention_step",
     "efficient_attention_triton",
+    "impl_name",
     "set_impl",
 ]
 
@@ -67,6 +68,12 @@ def _select_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[
     if _impl == "triton" or (q.is_cuda and _triton_supports(q, k, v)):
         return efficient_attention_triton
     return efficient_attention_chunked
+
+
+def impl_name(device: torch.device | str, dtype: torch.dtype, head_dim: int = 64) -> str:
+    """Which implementation serves inputs of this device, dtype and head dim (benchmark records)."""
+    x = torch.empty((1, 1, 1, head_dim), device=device, dtype=dtype)
+    return "triton" if _select_impl(x, x, x) is efficient_attention_triton else "torch (chunked)"
 
 
 def efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
