@@ -29,9 +29,10 @@ CASES = [
 ]
 
 
-def _errors(B, H, Hkv, T, D, key_scale, dtype="float32", device="cpu") -> dict:
+def _errors(B, H, Hkv, T, D, key_scale, dtype="float32", device="cpu", value_mean=0.0) -> dict:
     """Relative errors of o, dq, dk, dv (kernels on `dtype` inputs against the fp64 quadratic
-    reference on the same, rounded, inputs)."""
+    reference on the same, rounded, inputs); value_mean: a mean vector of that many standard
+    deviations added to every value."""
     from titan_linear.ops.efficient_attn import efficient_attention_quadratic, efficient_attention_triton
 
     g = torch.Generator().manual_seed(T * 31 + H)
@@ -41,6 +42,7 @@ def _errors(B, H, Hkv, T, D, key_scale, dtype="float32", device="cpu") -> dict:
     k = torch.randn(B, Hkv, T, D, generator=g, dtype=torch.float64) * scale
     v = torch.randn(B, Hkv, T, D, generator=g, dtype=torch.float64)
     do = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    v = v + value_mean * torch.randn(D, generator=g, dtype=torch.float64)
     results = []
     q, k, v = (x.to(getattr(torch, dtype)).double() for x in (q, k, v))
     for fn, dt in ((efficient_attention_quadratic, torch.float64), (efficient_attention_triton, getattr(torch, dtype))):
@@ -133,7 +135,10 @@ def test_efficient_attention_triton_interpreted_exact_loop_matches_quadratic():
 def test_efficient_attention_triton_interpreted_bf16_path_matches_quadratic():
     """bf16 inputs: the products' operands rounded to bf16 (TITAN_LINEAR_TRITON_DOT=bf16sim, since
     the interpreter cannot multiply bf16 operands) and bf16 outputs, two chunks, grouped heads.
-    An H100 gives o 2e-3 and gradients 4e-3 on this path; a wrong term gives O(1)."""
-    (errors,) = _interpret([(1, 4, 2, 300, 16, 1.0, "bfloat16")], TITAN_LINEAR_TRITON_DOT="bf16sim",
-                           TITAN_LINEAR_TRITON_CHUNK="128")
-    assert all(e < 3e-2 for e in errors.values()), errors
+    An H100 gives o 2e-3 and gradients 4e-3 on this path; a wrong term gives O(1).
+
+    Second case: values sharing a mean of 16 standard deviations. Without the backward's value
+    shift (triton_bwd.py) the mean's bf16 rounding cancelled into dq (0.20 here) and dk (0.05)."""
+    cases = [(1, 4, 2, 300, 16, 1.0, "bfloat16"), (1, 2, 1, 300, 16, 1.0, "bfloat16", "cpu", 16.0)]
+    for errors in _interpret(cases, TITAN_LINEAR_TRITON_DOT="bf16sim", TITAN_LINEAR_TRITON_CHUNK="128"):
+        assert all(e < 3e-2 for e in errors.values()), errors

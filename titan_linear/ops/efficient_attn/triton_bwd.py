@@ -9,6 +9,15 @@ With w_ts[d] = exp(k_s[d] − z_t[d]) (s <= t), p_t = softmax(q_t) and dA_ts = d
 (the second term of dk is the gradient through z_t, whose derivative in k_s is w_ts). No term of
 size |k| is subtracted, so dk is as accurate at key scale 100 as at 1.
 
+Values shifted by their mean. Since Σ_{s<=t} w_ts[d] = 1, replacing every v_s by v_s − m (m one
+vector per sequence and kv head) lowers dp_t[d] and every dA_ts by do_t · m alike, which changes
+neither dq (softmax's gradient ignores a shift common to all d) nor dk (only dA − dp enters) nor
+dv (no v in it). It does change precision: the products round their operands to bf16, and a
+value mean shared by all positions, common in trained layers, makes dp_t[d] nearly equal across
+d, so dp − p · dp cancelled the rounding of that mean into dq (measured: 6 % error in training,
+20 % with a mean of 16 standard deviations). Both kernels therefore take v − m (VSHIFT = m, the
+mean over the sequence) and the state S − m (S is a weighted mean of v, weights summing to 1).
+
 1. `bwd_query_kernel`, forward in t per (chunk, kv head), like the output kernel: dp from the
    same-sub-chunk block plus 2^(r − z_t) ⊙ (S do_t); writes dq, c_t = p_t ⊙ dp_t (for dk), the
    references r before each sub-chunk, and the chunk's reverse summary
@@ -29,7 +38,7 @@ from .triton_diag import advance_state, diag_dk, diag_dp, load_sub_chunk, mm, st
 
 @triton.jit
 def bwd_query_kernel(
-    Q, K, V, DO, DQ, CDP, S_END, ZP, R, LBX, FLAGS,
+    Q, K, V, DO, DQ, CDP, S_END, ZP, R, LBX, FLAGS, VSHIFT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt,
     T, HK, NC,
     G: tl.constexpr, C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
@@ -37,7 +46,8 @@ def bwd_query_kernel(
 ):
     """Grid (NC, B · HK). CDP: (B, H, T, DK) fp32; R: (B · HK, NC, C // c, DK) log2 references;
     LBX: (B · HK, NC, DK, DV + 1), chunk n's summary stored at slot n − 1 (chunk 0's, which is
-    zero since Z_{−1} = −inf, at slot NC − 1: the reverse scan's start)."""
+    zero since Z_{−1} = −inf, at slot NC − 1: the reverse scan's start); VSHIFT: (B · HK, DV)
+    fp32, the values' shift m (module docstring)."""
     n = tl.program_id(0)
     bhk = tl.program_id(1)
     b, hk = bhk // HK, bhk % HK
@@ -48,7 +58,9 @@ def bwd_query_kernel(
         return
     r = tl.load(ZP + base * DK + dk)
     r0 = r
-    S = state_before_chunk(S_END, bhk, n, NC, DK, DV)
+    vs = tl.load(VSHIFT + bhk.to(tl.int64) * DV + dv)
+    # Chunk 0's state is zero and so is its gate: the shift there is multiplied by 0.
+    S = state_before_chunk(S_END, bhk, n, NC, DK, DV) - vs[None, :]
     LB = tl.zeros([DK, DV], dtype=tl.float32)
     lb = tl.zeros([DK], dtype=tl.float32)
     H = HK * G
@@ -59,7 +71,7 @@ def bwd_query_kernel(
         tm = t < T
         t64 = t.to(tl.int64)
         krow, k2, v, rd, e, gate, r_next, kn = load_sub_chunk(
-            K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, c, DK, DV, PREC, FAST)
+            K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, vs, c, DK, DV, PREC, FAST)
         # 2^(r0 − z_t): r0 <= r, so no overflow; both -inf at the sequence's start, where the
         # summary is 0 (gate is), and -inf − -inf must not make it NaN.
         gate0 = gate * tl.where(r0 == r, 1.0, tl.exp2(r0 - r))[None, :]
@@ -90,7 +102,7 @@ def bwd_query_kernel(
 
 @triton.jit
 def bwd_key_kernel(
-    Q, K, V, DO, CDP, Z_END, R, BX, DK_, DV_, FLAGS,
+    Q, K, V, DO, CDP, Z_END, R, BX, DK_, DV_, FLAGS, VSHIFT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
     sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
     T, HK, NC,
@@ -98,7 +110,8 @@ def bwd_key_kernel(
     PREC: tl.constexpr, FAST: tl.constexpr,
 ):
     """Grid (NC, B · HK). Z_END: (B · HK, NC, DK) log2 z at the end of each chunk; BX: the reverse
-    scan's output, (B · HK, NC, DK, DV + 1), chunk n's later-positions summary at slot n."""
+    scan's output, (B · HK, NC, DK, DV + 1), chunk n's later-positions summary at slot n;
+    VSHIFT as in bwd_query_kernel (the CDP it wrote was computed with the same shift)."""
     n = tl.program_id(0)
     bhk = tl.program_id(1)
     b, hk = bhk // HK, bhk % HK
@@ -111,6 +124,7 @@ def bwd_key_kernel(
     Bs = tl.load(bx + dk[:, None] * (DV + 1) + dv[None, :])
     bs = tl.load(bx + dk * (DV + 1) + DV)
     r_next = tl.load(Z_END + base * DK + dk)
+    vs = tl.load(VSHIFT + bhk.to(tl.int64) * DV + dv)
     H = HK * G
     for jj in range(C // c):
         j = C // c - 1 - jj
@@ -120,7 +134,7 @@ def bwd_key_kernel(
         tm = t < T
         t64 = t.to(tl.int64)
         krow, k2, v, rd, e, gate, r_end, kn = load_sub_chunk(
-            K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, c, DK, DV, PREC, FAST)
+            K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, vs, c, DK, DV, PREC, FAST)
         # The later summary is normalised to the z after this sub-chunk as the query kernel
         # carried it (r_next), so the keys are taken against that same reference.
         kt = tl.exp2(k2 - r_next[None, :])  # (s, DK), <= 1

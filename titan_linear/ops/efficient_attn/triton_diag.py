@@ -83,11 +83,11 @@ def sub_chunks_exact_only(K, b64, hk, t0, T, skb, skh, skt, k2, SPAN: tl.constex
 
 
 @triton.jit
-def load_sub_chunk(K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r,
+def load_sub_chunk(K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, vs,
                    c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
                    FAST: tl.constexpr):
-    """Keys (log2 units, -inf past T) and values (0 past T) of positions t0 … t0 + c − 1 of one kv
-    head, and the sub-chunk's factors: FAST, the factorised form (the caller knows it is exact
+    """Keys (log2 units, -inf past T) and values less vs (DV; 0 past T) of positions
+    t0 … t0 + c − 1 of one kv head, and the sub-chunk's factors: FAST, the factorised form (the caller knows it is exact
     here: sub_chunks_exact_only); else z from an exact log-add-exp scan.
 
     Returns (krow, k2, v, rd, e, gate, r_next, kn):
@@ -104,6 +104,7 @@ def load_sub_chunk(K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r,
                  other=float("-inf")).to(tl.float32) * LOG2E
     v = tl.load(vrow + ic[:, None].to(tl.int64) * svt + tl.arange(0, DV)[None, :], mask=tm,
                 other=0.0).to(tl.float32)
+    v = tl.where(tm, v - vs[None, :], 0.0)
     if FAST:
         m = tl.maximum(r, tl.max(k2, axis=0))  # finite: a real position is here or came before
         e = tl.exp2(k2 - m[None, :])

@@ -87,13 +87,14 @@ def chunk_output_kernel(
         return
     r = tl.load(ZP + base * DK + dk)
     S = state_before_chunk(S_END, bhk, n, NC, DK, DV)
+    vs = tl.zeros([DV], dtype=tl.float32)  # the values as they are (the backward shifts them)
     for i in range(C // c):
         t0 = n * C + i * c
         t = t0 + ic
         tm = t < T
         t64 = t.to(tl.int64)
         krow, k2, v, rd, e, gate, r_next, kn = load_sub_chunk(
-            K, V, b.to(tl.int64), hk, t0, T, skb, skh, skt, svb, svh, svt, r, c, DK, DV, PREC, FAST)
+            K, V, b.to(tl.int64), hk, t0, T, skb, skh, skt, svb, svh, svt, r, vs, c, DK, DV, PREC, FAST)
         for g in range(G):
             h = hk * G + g
             qp = Q + b.to(tl.int64) * sqb + h * sqh + t64[:, None] * sqt + dk[None, :]

@@ -184,9 +184,12 @@ def efficient_attn_bwd(
     cdp = torch.empty(bs, n_heads, seqlen, d_k, **f32)
     refs = torch.empty(bs * n_kv, nc, CHUNK // SUB_CHUNK, d_k, **f32)
     later = torch.empty(bs * n_kv, nc, d_k, d_v + 1, **f32)
+    # The kernels take v − its mean over the sequence (triton_bwd.py: same gradients, no
+    # cancellation of the mean's rounding in dq and dk).
+    v_shift = v.mean(dim=2, dtype=torch.float32).contiguous()
     grid = (nc, bs * n_kv)
     _per_chunk(bwd_query_kernel, grid, (
-        q, k, v, do, dq, cdp, s_end, z_prev, refs, later, flags,
+        q, k, v, do, dq, cdp, s_end, z_prev, refs, later, flags, v_shift,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         seqlen, n_kv, nc), group, d_k, d_v, q.dtype)
     # Reverse scan: slot n receives chunk n + 1's summary, decayed from Z_{n+1} to Z_n.
@@ -195,7 +198,7 @@ def efficient_attn_bwd(
     dk = _like_bthd(k, d_k, k.dtype)
     dv = _like_bthd(v, d_v, v.dtype)
     _per_chunk(bwd_key_kernel, grid, (
-        q, k, v, do, cdp, z_end, refs, later, dk, dv, flags,
+        q, k, v, do, cdp, z_end, refs, later, dk, dv, flags, v_shift,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
         seqlen, n_kv, nc), group, d_k, d_v, q.dtype)
     return dq, dk, dv
