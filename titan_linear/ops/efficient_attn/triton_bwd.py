@@ -15,8 +15,9 @@ neither dq (softmax's gradient ignores a shift common to all d) nor dk (only dA 
 dv (no v in it). It does change precision: the products round their operands to bf16, and a
 value mean shared by all positions, common in trained layers, makes dp_t[d] nearly equal across
 d, so dp − p · dp cancelled the rounding of that mean into dq (measured: 6 % error in training,
-20 % with a mean of 16 standard deviations). Both kernels therefore take v − m (VSHIFT = m, the
-mean over the sequence) and the state S − m (S is a weighted mean of v, weights summing to 1).
+20 % with a mean of 16 standard deviations). Both kernels therefore take v − m (VSHIFT = m, a
+weighted mean of the sequence's values: triton_op.py) and the state S − m (S is a weighted mean
+of v, weights summing to 1).
 
 1. `bwd_query_kernel`, forward in t per (chunk, kv head), like the output kernel: dp from the
    same-sub-chunk block plus 2^(r − z_t) ⊙ (S do_t); writes dq, c_t = p_t ⊙ dp_t (for dk), the

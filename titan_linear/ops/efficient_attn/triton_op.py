@@ -184,9 +184,11 @@ def efficient_attn_bwd(
     cdp = torch.empty(bs, n_heads, seqlen, d_k, **f32)
     refs = torch.empty(bs * n_kv, nc, CHUNK // SUB_CHUNK, d_k, **f32)
     later = torch.empty(bs * n_kv, nc, d_k, d_v + 1, **f32)
-    # The kernels take v − its mean over the sequence (triton_bwd.py: same gradients, no
-    # cancellation of the mean's rounding in dq and dk).
-    v_shift = v.mean(dim=2, dtype=torch.float32).contiguous()
+    # The kernels take v − m (triton_bwd.py: any m gives the same gradients; one near the values'
+    # common mean keeps its rounding out of dq and dk). m: the mean over features of the state
+    # after the last chunk, a weighted mean of all values, already at hand (reading v for its
+    # own mean would be one more pass over v).
+    v_shift = s_end[:, -1].mean(dim=1).contiguous()
     grid = (nc, bs * n_kv)
     _per_chunk(bwd_query_kernel, grid, (
         q, k, v, do, dq, cdp, s_end, z_prev, refs, later, flags, v_shift,
