@@ -87,8 +87,8 @@ def load_sub_chunk(K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, vs,
                    c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
                    FAST: tl.constexpr):
     """Keys (log2 units, -inf past T) and values less vs (DV; 0 past T) of positions
-    t0 … t0 + c − 1 of one kv head, and the sub-chunk's factors: FAST, the factorised form (the caller knows it is exact
-    here: sub_chunks_exact_only); else z from an exact log-add-exp scan.
+    t0 … t0 + c − 1 of one kv head, and the sub-chunk's factors: FAST, the factorised form (the
+    caller knows it is exact here: sub_chunks_exact_only); else z from an exact log-add-exp scan.
 
     Returns (krow, k2, v, rd, e, gate, r_next, kn):
       krow   pointer to the first key row (for the exact loop);
