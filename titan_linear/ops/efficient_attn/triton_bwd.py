@@ -71,7 +71,7 @@ def bwd_query_kernel(
         t = t0 + ic
         tm = t < T
         t64 = t.to(tl.int64)
-        krow, k2, v, rd, e, gate, r_next, kn = load_sub_chunk(
+        krow, k2, v, rd, e, z, gate, r_next, kn = load_sub_chunk(
             K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, vs, c, DK, DV, PREC, FAST)
         # 2^(r0 − z_t): r0 <= r, so no overflow; both -inf at the sequence's start, where the
         # summary is 0 (gate is), and -inf − -inf must not make it NaN.
@@ -83,7 +83,7 @@ def bwd_query_kernel(
             dop = DO + b64 * sdob + h * sdoh + t64[:, None] * sdot + dv[None, :]
             do = tl.load(dop, mask=tm[:, None], other=0.0)
             da = mm(do, tl.trans(v), PREC)  # (t, s)
-            dp = diag_dp(da, rd, e, FAST, k2, r, krow, skt, T - t0, c, DK, PREC)
+            dp = diag_dp(da, rd, e, z, FAST, krow, skt, T - t0, c, DK, PREC)
             dp += gate * mm(do, tl.trans(S), PREC)
             cdp = p * dp
             dq = cdp - p * tl.sum(cdp, axis=1)[:, None]
@@ -134,7 +134,7 @@ def bwd_key_kernel(
         t = t0 + ic
         tm = t < T
         t64 = t.to(tl.int64)
-        krow, k2, v, rd, e, gate, r_end, kn = load_sub_chunk(
+        krow, k2, v, rd, e, z, gate, r_end, kn = load_sub_chunk(
             K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, vs, c, DK, DV, PREC, FAST)
         # The later summary is normalised to the z after this sub-chunk as the query kernel
         # carried it (r_next), so the keys are taken against that same reference.
@@ -152,7 +152,7 @@ def bwd_key_kernel(
             cp = CDP + ((b64 * H + h) * T + t64[:, None]) * DK + dk[None, :]
             cdp = tl.load(cp, mask=tm[:, None], other=0.0)
             da = mm(do, tl.trans(v), PREC)  # (t, s)
-            a, dkd = diag_dk(p, cdp, da, rd, e, FAST, k2, r, krow, skt, T - t0, c, DK, PREC)
+            a, dkd = diag_dk(p, cdp, da, rd, e, z, FAST, krow, skt, T - t0, c, DK, PREC)
             dvs += mm(tl.trans(a), do, PREC)
             dks += dkd
             Bn += mm(tl.trans(p * gate), do, PREC)

@@ -90,9 +90,10 @@ def load_sub_chunk(K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, vs,
     t0 … t0 + c − 1 of one kv head, and the sub-chunk's factors: FAST, the factorised form (the
     caller knows it is exact here: sub_chunks_exact_only); else z from an exact log-add-exp scan.
 
-    Returns (krow, k2, v, rd, e, gate, r_next, kn):
+    Returns (krow, k2, v, rd, e, z, gate, r_next, kn):
       krow   pointer to the first key row (for the exact loop);
       rd, e  1 / D and e of the module docstring (FAST only: rd · e is the block's weight);
+      z      z2 at each position (c, DK) (exact variant only: its loop weighs one key at a time);
       gate   2^(r − z2_t) (c, DK), <= 1: how the state before the sub-chunk reaches position t;
       r_next z2 after the sub-chunk (DK); kn = 2^(k2 − r_next) (c, DK), the keys as they enter
              the state normalised to r_next."""
@@ -117,13 +118,14 @@ def load_sub_chunk(K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, vs,
         r_next = m + tl.log2(d_last)
         gate = w[None, :] * rd
         kn = e * (1.0 / d_last)[None, :]
+        z = gate  # unused by the fast products
     else:
         z = sub_chunk_z(k2, r)
         r_next = tl.max(z, axis=0)
         gate = tl.exp2(r[None, :] - z)
         kn = tl.exp2(k2 - r_next[None, :])
         rd, e = gate, kn  # unused by the exact loop
-    return krow, k2, v, rd, e, gate, r_next, kn
+    return krow, k2, v, rd, e, z, gate, r_next, kn
 
 
 @triton.jit
@@ -152,18 +154,17 @@ def _key_weights(krow, skt, s, n_valid, z, c: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def diag_scores(p, rd, e, FAST: tl.constexpr, k2, r, krow, skt, n_valid, c: tl.constexpr, D: tl.constexpr,
+def diag_scores(p, rd, e, z, FAST: tl.constexpr, krow, skt, n_valid, c: tl.constexpr, D: tl.constexpr,
                 PREC: tl.constexpr):
     """A[t, s] = Σ_d p[t, d] · 2^(k2_s[d] − z2_t[d]) for s <= t (0 above the diagonal).
 
-    p (c, D) query softmax; rd, e from load_sub_chunk; k2, r, krow (first key row, stride skt,
+    p (c, D) query softmax; rd, e, z from load_sub_chunk; z and krow (first key row, stride skt,
     n_valid rows real) for the exact loop."""
     ic = tl.arange(0, c)
     causal = ic[:, None] >= ic[None, :]
     if FAST:
         a = mm(p * rd, tl.trans(e), PREC)
     else:
-        z = sub_chunk_z(k2, r)
         a = tl.zeros([c, c], dtype=tl.float32)
         for s in range(c):
             w = _key_weights(krow, skt, s, n_valid, z, c, D)
@@ -172,7 +173,7 @@ def diag_scores(p, rd, e, FAST: tl.constexpr, k2, r, krow, skt, n_valid, c: tl.c
 
 
 @triton.jit
-def diag_dp(da, rd, e, FAST: tl.constexpr, k2, r, krow, skt, n_valid, c: tl.constexpr, D: tl.constexpr,
+def diag_dp(da, rd, e, z, FAST: tl.constexpr, krow, skt, n_valid, c: tl.constexpr, D: tl.constexpr,
             PREC: tl.constexpr):
     """dp[t, d] = Σ_{s<=t} 2^(k2_s[d] − z2_t[d]) · da[t, s] over the sub-chunk."""
     ic = tl.arange(0, c)
@@ -180,7 +181,6 @@ def diag_dp(da, rd, e, FAST: tl.constexpr, k2, r, krow, skt, n_valid, c: tl.cons
     if FAST:
         dp = rd * mm(da, e, PREC)
     else:
-        z = sub_chunk_z(k2, r)
         dp = tl.zeros([c, D], dtype=tl.float32)
         for s in range(c):
             w = _key_weights(krow, skt, s, n_valid, z, c, D)
@@ -189,7 +189,7 @@ def diag_dp(da, rd, e, FAST: tl.constexpr, k2, r, krow, skt, n_valid, c: tl.cons
 
 
 @triton.jit
-def diag_dk(p, cdp, da, rd, e, FAST: tl.constexpr, k2, r, krow, skt, n_valid, c: tl.constexpr, D: tl.constexpr,
+def diag_dk(p, cdp, da, rd, e, z, FAST: tl.constexpr, krow, skt, n_valid, c: tl.constexpr, D: tl.constexpr,
             PREC: tl.constexpr):
     """(A, dk) of the sub-chunk: A as diag_scores, and
     dk[s, d] = Σ_{t>=s} 2^(k2_s[d] − z2_t[d]) · (p[t, d] · da[t, s] − cdp[t, d])."""
@@ -201,7 +201,6 @@ def diag_dk(p, cdp, da, rd, e, FAST: tl.constexpr, k2, r, krow, skt, n_valid, c:
         a = mm(pg, tl.trans(e), PREC)
         dk = e * (mm(tl.trans(da), pg, PREC) - cumsum_rows(cdp * rd, True, PREC))
     else:
-        z = sub_chunk_z(k2, r)
         a = tl.zeros([c, c], dtype=tl.float32)
         dk = tl.zeros([c, D], dtype=tl.float32)
         for s in range(c):

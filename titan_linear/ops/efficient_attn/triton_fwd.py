@@ -93,13 +93,13 @@ def chunk_output_kernel(
         t = t0 + ic
         tm = t < T
         t64 = t.to(tl.int64)
-        krow, k2, v, rd, e, gate, r_next, kn = load_sub_chunk(
+        krow, k2, v, rd, e, z, gate, r_next, kn = load_sub_chunk(
             K, V, b.to(tl.int64), hk, t0, T, skb, skh, skt, svb, svh, svt, r, vs, c, DK, DV, PREC, FAST)
         for g in range(G):
             h = hk * G + g
             qp = Q + b.to(tl.int64) * sqb + h * sqh + t64[:, None] * sqt + dk[None, :]
             p = softmax_rows(tl.load(qp, mask=tm[:, None], other=0.0))
-            a = diag_scores(p, rd, e, FAST, k2, r, krow, skt, T - t0, c, DK, PREC)
+            a = diag_scores(p, rd, e, z, FAST, krow, skt, T - t0, c, DK, PREC)
             o = mm(a, v, PREC) + mm(p * gate, S, PREC)
             op = O + b.to(tl.int64) * sob + h * soh + t64[:, None] * sot + dv[None, :]
             tl.store(op, o.to(O.dtype.element_ty), mask=tm[:, None])
