@@ -132,6 +132,15 @@ def test_efficient_attention_triton_interpreted_exact_loop_matches_quadratic():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/test_gpu.py runs the compiled kernels")
+def test_efficient_attention_triton_interpreted_scans_carry_across_blocks():
+    """Chunks of 64 taken 2 per step of the scans (z, states, the backward's summaries): 10 chunks,
+    so each scan carries across 5 blocks, and the last block is half past the end."""
+    (errors,) = _interpret([(1, 2, 2, 600, 16, (1.0, 100.0))], TITAN_LINEAR_TRITON_CHUNK="64",
+                           TITAN_LINEAR_TRITON_SCAN_CHUNKS="2")
+    assert all(e < 1e-4 for e in errors.values()), errors
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/test_gpu.py runs the compiled kernels")
 def test_efficient_attention_triton_interpreted_bf16_path_matches_quadratic():
     """bf16 inputs: the products' operands rounded to bf16 (TITAN_LINEAR_TRITON_DOT=bf16sim, since
     the interpreter cannot multiply bf16 operands) and bf16 outputs, two chunks, grouped heads.

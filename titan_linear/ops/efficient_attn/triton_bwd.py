@@ -23,7 +23,7 @@ of v, weights summing to 1).
    same-sub-chunk block plus 2^(r − z_t) ⊙ (S do_t); writes dq, c_t = p_t ⊙ dp_t (for dk), the
    references r before each sub-chunk, and the chunk's reverse summary
    LB_n = Σ_t 2^(Z_{n−1} − z_t) p_t ⊗ [do_t | dp_t] (the dp_t column elementwise).
-2. `chunk_scan_kernel` in reverse: B_n = LB_{n+1} + 2^(Z_n − Z_{n+1}) B_{n+1}, the later chunks'
+2. `reverse_scan_kernel` (triton_common): B_n = LB_{n+1} + 2^(Z_n − Z_{n+1}) B_{n+1}, the later chunks'
    summary normalised to Z_n.
 3. `bwd_key_kernel`, backward in t per (chunk, kv head): the later positions' summary B (and its
    last column b) gives dv_s = k̃_s B, dk_s = k̃_s ⊙ (B v_s − b) with k̃_s = 2^(k2_s − r'),
@@ -34,12 +34,12 @@ import triton
 import triton.language as tl
 
 from .triton_common import softmax_rows
-from .triton_diag import advance_state, diag_dk, diag_dp, load_sub_chunk, mm, state_before_chunk
+from .triton_diag import advance_state, diag_dk, diag_dp, load_sub_chunk, mm, state_before_chunk, z_before_chunk
 
 
 @triton.jit
 def bwd_query_kernel(
-    Q, K, V, DO, DQ, CDP, S_END, ZP, R, LBX, FLAGS, VSHIFT,
+    Q, K, V, DO, DQ, CDP, S_END, Z_END, R, LBX, FLAGS, VSHIFT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt,
     T, HK, NC,
     G: tl.constexpr, C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
@@ -57,7 +57,7 @@ def bwd_query_kernel(
     base = bhk.to(tl.int64) * NC + n
     if (tl.load(FLAGS + base) == 0) != FAST:  # the other variant takes this chunk
         return
-    r = tl.load(ZP + base * DK + dk)
+    r = z_before_chunk(Z_END, bhk, n, NC, DK)
     r0 = r
     vs = tl.load(VSHIFT + bhk.to(tl.int64) * DV + dv)
     # Chunk 0's state is zero and so is its gate: the shift there is multiplied by 0.
@@ -141,8 +141,11 @@ def bwd_key_kernel(
         kt = tl.exp2(k2 - r_next[None, :])  # (s, DK), <= 1
         dvs = mm(kt, Bs, PREC)
         dks = kt * (mm(v, tl.trans(Bs), PREC) - bs[None, :])
-        Bn = tl.zeros([DK, DV], dtype=tl.float32)
-        bn = tl.zeros([DK], dtype=tl.float32)
+        # Renormalise the summary to r now and add this sub-chunk's positions into it in place:
+        # a separate (DK, DV) accumulator would cost 32 more registers per thread at 4 warps.
+        decay = tl.exp2(r - r_next)
+        Bs = Bs * decay[:, None]
+        bs = bs * decay
         for g in range(G):
             h = hk * G + g
             qp = Q + b64 * sqb + h * sqh + t64[:, None] * sqt + dk[None, :]
@@ -155,11 +158,8 @@ def bwd_key_kernel(
             a, dkd = diag_dk(p, cdp, da, rd, e, z, FAST, krow, skt, T - t0, c, DK, PREC)
             dvs += mm(tl.trans(a), do, PREC)
             dks += dkd
-            Bn += mm(tl.trans(p * gate), do, PREC)
-            bn += tl.sum(cdp * gate, axis=0)
-        decay = tl.exp2(r - r_next)
-        Bs = Bs * decay[:, None] + Bn
-        bs = bs * decay + bn
+            Bs += mm(tl.trans(p * gate), do, PREC)
+            bs += tl.sum(cdp * gate, axis=0)
         r_next = r
         dkp = DK_ + b64 * sdkb + hk * sdkh + t64[:, None] * sdkt + dk[None, :]
         dvp = DV_ + b64 * sdvb + hk * sdvh + t64[:, None] * sdvt + dv[None, :]

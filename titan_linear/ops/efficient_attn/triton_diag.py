@@ -137,6 +137,14 @@ def state_before_chunk(S_END, bhk, n, NC, DK: tl.constexpr, DV: tl.constexpr):
 
 
 @triton.jit
+def z_before_chunk(Z_END, bhk, n, NC, DK: tl.constexpr):
+    """Log2 z (DK) just before chunk n: Z_END's row n − 1; -inf before the first chunk."""
+    prev = bhk.to(tl.int64) * NC + n - 1
+    return tl.load(Z_END + prev * DK + tl.arange(0, DK), mask=tl.arange(0, DK) < tl.where(n > 0, DK, 0),
+                   other=float("-inf"))
+
+
+@triton.jit
 def advance_state(S, r, r_next, kn, v, PREC: tl.constexpr):
     """The state S (normalised to r) after the sub-chunk (keys kn = 2^(k2 − r_next), values v),
     normalised to r_next."""

@@ -5,9 +5,9 @@ as busy as 32 sequences of 2K:
 
 1. `chunk_summary_kernel`, per (chunk, kv head): lse_n = log2-sum-exp2 of the chunk's keys and
    its local state L_n = Σ_s 2^(k2_s − lse_n) ⊗ v_s. Nothing here depends on earlier chunks.
-2. `chunk_scan_kernel` (triton_common) carries the states across chunks:
-   S_n = 2^(Z_{n−1} − Z_n) · S_{n−1} + 2^(lse_n − Z_n) · L_n, with Z_n the log2-cumsum-exp2 of
-   the lse (a tiny torch op). S_n is normalised to Z_n, the z at the end of chunk n.
+2. `state_scan_kernel` (triton_common) carries the states across chunks:
+   S_n = Σ_{m<=n} 2^(lse_m − Z_n) · L_m, with Z_n = log2 Σ_{m<=n} 2^lse_m, the z at the end of
+   chunk n, which it also returns. S_n is normalised to Z_n.
 3. `chunk_output_kernel`, per (chunk, kv head), walks the chunk's sub-chunks of c positions:
    the keys of the same sub-chunk through its c × c block (triton_diag.py, the only place
    where exp(k_s − z_t) needs both indices); everything earlier through the state S
@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import LOG2E, softmax_rows
-from .triton_diag import advance_state, diag_scores, load_sub_chunk, mm, state_before_chunk, sub_chunks_exact_only
+from .triton_diag import (advance_state, diag_scores, load_sub_chunk, mm, state_before_chunk, sub_chunks_exact_only,
+                          z_before_chunk)
 
 
 @triton.jit
@@ -69,14 +70,14 @@ def chunk_summary_kernel(
 
 @triton.jit
 def chunk_output_kernel(
-    Q, K, V, O, S_END, ZP, FLAGS,
+    Q, K, V, O, S_END, Z_END, FLAGS,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
     T, HK, NC,
     G: tl.constexpr, C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     PREC: tl.constexpr, FAST: tl.constexpr,
 ):
     """Grid (NC, B · HK). S_END: (B · HK, NC, DK, DV) state after each chunk (scan output);
-    ZP: (B · HK, NC, DK) log2 z just before each chunk (-inf before the first). FAST takes the
+    Z_END: (B · HK, NC, DK) log2 z at the end of each chunk. FAST takes the
     chunks FLAGS leaves unflagged, the exact variant the others."""
     n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -85,7 +86,7 @@ def chunk_output_kernel(
     base = bhk.to(tl.int64) * NC + n
     if (tl.load(FLAGS + base) == 0) != FAST:
         return
-    r = tl.load(ZP + base * DK + dk)
+    r = z_before_chunk(Z_END, bhk, n, NC, DK)
     S = state_before_chunk(S_END, bhk, n, NC, DK, DV)
     vs = tl.zeros([DV], dtype=tl.float32)  # the values as they are (the backward shifts them)
     for i in range(C // c):

@@ -16,7 +16,7 @@ import triton
 
 from .naive import check_qkv
 from .triton_bwd import bwd_key_kernel, bwd_query_kernel
-from .triton_common import LN2_F, LOG2E_F, chunk_scan_kernel
+from .triton_common import reverse_scan_kernel, state_scan_kernel
 from .triton_fwd import chunk_output_kernel, chunk_summary_kernel
 
 # Positions per chunk: the unit of parallel work and of the carried state. Larger chunks move
@@ -28,7 +28,8 @@ SUB_CHUNK = int(os.environ.get("TITAN_LINEAR_TRITON_SUB_CHUNK", "16"))
 # How far (log2 units) the keys of a sub-chunk may spread before its chunk goes to the exact
 # kernels instead of products (triton_diag.py); a negative value sends every chunk there.
 SPAN = float(os.environ.get("TITAN_LINEAR_TRITON_SPAN", "100"))
-SCAN_CHUNKS = 16  # chunks per step of the scan's parallel block
+SCAN_CHUNKS = int(os.environ.get("TITAN_LINEAR_TRITON_SCAN_CHUNKS", "8"))  # chunks per step of the scans' parallel block
+SCAN_BLOCK = int(os.environ.get("TITAN_LINEAR_TRITON_SCAN_BLOCK", "64"))  # state elements per scan program
 HEAD_DIMS = (16, 32, 64, 128)
 
 
@@ -92,24 +93,20 @@ def _unit_stride(*xs: torch.Tensor) -> list[torch.Tensor]:
     return [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
 
 
-def _chunk_z_end(lse2: torch.Tensor) -> torch.Tensor:
-    """Log2 z at the end of each chunk, from each chunk's log2-sum-exp2 of its keys."""
-    return torch.logcumsumexp(lse2.double() * LN2_F, dim=1).mul_(LOG2E_F).float().contiguous()
+def _forward_states(local: torch.Tensor, lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s_end, z_end): the state after each chunk and the log2 z at its end (state_scan_kernel)."""
+    bh, nc, d_k, d_v = local.shape
+    s_end, z_end = torch.empty_like(local), torch.empty_like(lse2)
+    state_scan_kernel[(bh, triton.cdiv(d_k * d_v, SCAN_BLOCK))](
+        local, lse2, s_end, z_end, nc, d_k * d_v, W=d_v, NB=SCAN_CHUNKS, BLK=SCAN_BLOCK)
+    return s_end, z_end
 
 
-def _z_before(z_end: torch.Tensor) -> torch.Tensor:
-    """Log2 z just before each chunk: z_end shifted by one chunk, -inf before the first."""
-    return torch.cat([torch.full_like(z_end[:, :1], float("-inf")), z_end[:, :-1]], dim=1).contiguous()
-
-
-def _scan(u, gate, scale, reverse: bool, width: int):
-    bh, nc, e = u.shape
+def _reverse_scan(u: torch.Tensor, z_end: torch.Tensor) -> torch.Tensor:
+    bh, nc, d_k, width = u.shape
     x = torch.empty_like(u)
-    blk = 256
-    chunk_scan_kernel[(bh, triton.cdiv(e, blk))](
-        u, gate, scale if scale is not None else gate, x, nc, e,
-        W=width, HAS_F=scale is not None, REVERSE=reverse, NB=SCAN_CHUNKS, BLK=blk,
-    )
+    reverse_scan_kernel[(bh, triton.cdiv(d_k * width, SCAN_BLOCK))](
+        u, z_end, x, nc, d_k * width, W=width, NB=SCAN_CHUNKS, BLK=SCAN_BLOCK)
     return x
 
 
@@ -145,14 +142,10 @@ def efficient_attn_fwd(
         C=CHUNK, SB=max(min(CHUNK, 64), SUB_CHUNK), c=SUB_CHUNK, DK=d_k, DV=d_v, PREC=_precision(q.dtype),
         SPAN=SPAN, num_warps=warps,
     )
-    z_end = _chunk_z_end(lse2)
-    z_prev = _z_before(z_end)
-    gate, scale = torch.exp2(z_prev - z_end), torch.exp2(lse2 - z_end)
-    s_end = _scan(local.view(bs * n_kv, nc, -1), gate, scale, reverse=False, width=d_v)
-    s_end = s_end.view(bs * n_kv, nc, d_k, d_v)
+    s_end, z_end = _forward_states(local, lse2)
     o = _like_bthd(q, d_v, q.dtype)
     _per_chunk(chunk_output_kernel, grid, (
-        q, k, v, o, s_end, z_prev, flags, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        q, k, v, o, s_end, z_end, flags, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         seqlen, n_kv, nc), group, d_k, d_v, q.dtype)
     return o, s_end, z_end, flags
 
@@ -179,7 +172,6 @@ def efficient_attn_bwd(
     n_kv, d_v = k.shape[1], v.shape[-1]
     nc = s_end.shape[1]
     f32 = dict(dtype=torch.float32, device=q.device)
-    z_prev = _z_before(z_end)
     dq = _like_bthd(q, d_k, q.dtype)
     cdp = torch.empty(bs, n_heads, seqlen, d_k, **f32)
     refs = torch.empty(bs * n_kv, nc, CHUNK // SUB_CHUNK, d_k, **f32)
@@ -191,12 +183,11 @@ def efficient_attn_bwd(
     v_shift = s_end[:, -1].mean(dim=1).contiguous()
     grid = (nc, bs * n_kv)
     _per_chunk(bwd_query_kernel, grid, (
-        q, k, v, do, dq, cdp, s_end, z_prev, refs, later, flags, v_shift,
+        q, k, v, do, dq, cdp, s_end, z_end, refs, later, flags, v_shift,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         seqlen, n_kv, nc), group, d_k, d_v, q.dtype)
     # Reverse scan: slot n receives chunk n + 1's summary, decayed from Z_{n+1} to Z_n.
-    gate = torch.cat([torch.exp2(z_end[:, :-1] - z_end[:, 1:]), torch.zeros_like(z_end[:, :1])], dim=1)
-    later = _scan(later.view(bs * n_kv, nc, -1), gate.contiguous(), None, reverse=True, width=d_v + 1)
+    later = _reverse_scan(later, z_end)
     dk = _like_bthd(k, d_k, k.dtype)
     dv = _like_bthd(v, d_v, v.dtype)
     _per_chunk(bwd_key_kernel, grid, (
