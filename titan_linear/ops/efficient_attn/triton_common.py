@@ -52,8 +52,9 @@ def state_scan_kernel(
 
     L, S: (BH, NC, E) fp32, E = rows · W, element e in row (feature) e // W; LSE, Z: (BH, NC,
     rows) fp32. Each prefix is kept as (max LSE, sum of 2^(LSE − max), weighted sum of L), so no
-    factor exceeds 1, and Z = max + log2(sum) rounds once: z from fp32 as accurate as an fp64
-    log-cumsum-exp, where a chain of fp32 log-add-exps would drift by an ulp of |z| per chunk.
+    factor exceeds 1, and Z = max + log2(sum) rounds once, where a chain of fp32 log-add-exps
+    would round |z| at every chunk (replacing the fp64 torch logcumsumexp this way left the
+    errors of the H100 stress cases unchanged to three digits).
     The chunks are taken NB at a time, each block by a parallel associative scan, so a long
     sequence is NC / NB dependent steps, not NC. Grid: (BH, cdiv(E, BLK))."""
     bh = tl.program_id(0)
