@@ -132,13 +132,32 @@ def scaling_section(name: str, rows: list[dict]) -> tuple[list[str], list[dict]]
         tps = r.get("tokens_per_s")
         ref = one.get((config, seq, batch))
         errors += run_error(r, f"{config} seq_len {seq} on {ngpu} GPUs {extra}".strip())
+        tp = tensor_parallel_degree(extra)
+        if not (tps and ref):
+            versus = "—"
+        elif tp > 1:
+            # The GPUs of a tensor-parallel group work on one batch together: what compares with
+            # one GPU is the group's tokens/s, not each member's.
+            versus = f"{tps * tp / ref:.1%} per TP group of {tp}"
+        else:
+            versus = f"{tps / ref:.1%}"
         body.append([config, str(seq), str(batch), str(ngpu), extra or ("FSDP" if ngpu > 1 else "—"),
-                     f"{tps:,.0f}" if tps else "failed", f"{tps / ref:.1%}" if tps and ref else "—",
+                     f"{tps:,.0f}" if tps else "failed", versus,
                      fmt(r.get("peak_gib")), fmt(r.get("final_loss"), 4)])
     header = ["config", "seq_len", "batch per GPU", "GPUs", "parallelism", "tokens/s per GPU",
               "vs 1 GPU", "peak GiB", "final loss"]
     out = [f"## Scaling ({name}.json)", "", f"Device: {devices(rows)}.", "", *table(header, body)]
     return out + error_lines(errors), []
+
+
+def tensor_parallel_degree(extra: str) -> int:
+    """The tensor-parallel degree a row's overrides set (1 if none): `--parallelism.tensor_parallel_degree N`
+    or `--parallelism.tensor_parallel_degree=N`."""
+    words = (extra or "").replace("=", " ").split()
+    for key, value in zip(words, words[1:]):
+        if key == "--parallelism.tensor_parallel_degree" and value.isdigit():
+            return int(value)
+    return 1
 
 
 def inference_section(name: str, rows: list[dict]) -> tuple[list[str], list[dict]]:

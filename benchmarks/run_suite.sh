@@ -17,7 +17,8 @@
 #                 appends to its file and the report keeps the last row of each config and seq_len
 #   SCALING_CONFIGS, SCALING_SEQ_LENS   the "scaling" part (default llama3_1b_linear_0.50 at 8192:1):
 #                 e2e_train.py on 1, 2, 4, 8 GPUs (as many as present; skipped with fewer than 2) with
-#                 FSDP and the same batch per GPU (weak scaling), then tensor parallel 2 on 2 GPUs,
+#                 FSDP and the same batch per GPU (weak scaling), then tensor parallel 2 on 2 GPUs
+#                 (and TP 2 x FSDP 2 on 4),
 #                 into scaling_<TAG>.json
 #   ATTN_ARGS, E2E_ARGS, INFER_ARGS   extra arguments for each script (e.g. E2E_ARGS="--steps 50")
 #   PYTHON        interpreter (default python3)
@@ -45,6 +46,11 @@ scaling() {
     "$PYTHON" benchmarks/e2e_train.py "${common[@]}" --ngpu "$g" || rc=1
   done
   "$PYTHON" benchmarks/e2e_train.py "${common[@]}" --ngpu 2 -- --parallelism.tensor_parallel_degree 2 || rc=1
+  # TP without FSDP runs in fp32 (TorchTitan's mixed precision comes with FSDP); with 4 GPUs,
+  # TP 2 x FSDP 2 gives the bf16 tensor-parallel figure.
+  if (( n >= 4 )); then
+    "$PYTHON" benchmarks/e2e_train.py "${common[@]}" --ngpu 4 -- --parallelism.tensor_parallel_degree 2 || rc=1
+  fi
   return $rc
 }
 

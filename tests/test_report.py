@@ -121,13 +121,15 @@ def test_report_scaling(tmp_path):
     rows = [dict(base, ngpu=1, extra_args="", tokens_per_s=40000),
             dict(base, ngpu=2, extra_args="", tokens_per_s=37000),
             dict(base, ngpu=2, extra_args="--parallelism.tensor_parallel_degree 2", tokens_per_s=30000),
-            dict(base, ngpu=4, extra_args="", returncode=1, error=["NCCL timeout"])]
+            dict(base, ngpu=4, extra_args="", returncode=1, error=["NCCL timeout"]),
+            dict(base, ngpu=4, extra_args="--parallelism.tensor_parallel_degree=2", tokens_per_s=15000)]
     _write(tmp_path, scaling_h200=rows)
     _run(tmp_path)
     md = (tmp_path / "SUMMARY.md").read_text()
     assert "## Scaling (scaling_h200.json)" in md
     got = {(r[3], r[4], r[5], r[6]) for r in _rows(md, "llama3_1b_linear_0.50")}
     assert got == {("1", "—", "40,000", "100.0%"), ("2", "FSDP", "37,000", "92.5%"),
-                   ("2", "--parallelism.tensor_parallel_degree 2", "30,000", "75.0%"),
+                   ("2", "--parallelism.tensor_parallel_degree 2", "30,000", "150.0% per TP group of 2"),
+                   ("4", "--parallelism.tensor_parallel_degree=2", "15,000", "75.0% per TP group of 2"),
                    ("4", "FSDP", "failed", "—")}
     assert "llama3_1b_linear_0.50 seq_len 8192 on 4 GPUs: NCCL timeout" in md
