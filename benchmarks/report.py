@@ -125,12 +125,14 @@ def e2e_section(name: str, rows: list[dict], baseline: str) -> tuple[list[str], 
 
 
 def scaling_section(name: str, rows: list[dict]) -> tuple[list[str], list[dict]]:
-    cells = latest(rows, "config", "seq_len", "local_batch_size", "ngpu", "extra_args")
-    one = {(c, s, b): r.get("tokens_per_s") for (c, s, b, n, x), r in cells.items() if n == 1 and not x}
+    # Rows of one campaign (one host, one code version) compare only with its own one-GPU row.
+    cells = latest(rows, "campaign", "config", "seq_len", "local_batch_size", "ngpu", "extra_args")
+    one = {(k, c, s, b): r.get("tokens_per_s") for (k, c, s, b, n, x), r in cells.items() if n == 1 and not x}
     body, errors = [], []
-    for (config, seq, batch, ngpu, extra), r in sorted(cells.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    campaigns = any(k for k, *_ in cells)
+    for (campaign, config, seq, batch, ngpu, extra), r in cells.items():
         tps = r.get("tokens_per_s")
-        ref = one.get((config, seq, batch))
+        ref = one.get((campaign, config, seq, batch))
         errors += run_error(r, f"{config} seq_len {seq} on {ngpu} GPUs {extra}".strip())
         tp = tensor_parallel_degree(extra)
         if not (tps and ref):
@@ -143,9 +145,9 @@ def scaling_section(name: str, rows: list[dict]) -> tuple[list[str], list[dict]]
             versus = f"{tps / ref:.1%}"
         body.append([config, str(seq), str(batch), str(ngpu), extra or ("FSDP" if ngpu > 1 else "—"),
                      f"{tps:,.0f}" if tps else "failed", versus,
-                     fmt(r.get("peak_gib")), fmt(r.get("final_loss"), 4)])
+                     fmt(r.get("peak_gib")), fmt(r.get("final_loss"), 4)] + ([campaign or "—"] if campaigns else []))
     header = ["config", "seq_len", "batch per GPU", "GPUs", "parallelism", "tokens/s per GPU",
-              "vs 1 GPU", "peak GiB", "final loss"]
+              "vs 1 GPU", "peak GiB", "final loss"] + (["campaign"] if campaigns else [])
     out = [f"## Scaling ({name}.json)", "", f"Device: {devices(rows)}.", "", *table(header, body)]
     return out + error_lines(errors), []
 

@@ -133,3 +133,19 @@ def test_report_scaling(tmp_path):
                    ("4", "--parallelism.tensor_parallel_degree=2", "15,000", "75.0% per TP group of 2"),
                    ("4", "FSDP", "failed", "—")}
     assert "llama3_1b_linear_0.50 seq_len 8192 on 4 GPUs: NCCL timeout" in md
+
+
+def test_report_scaling_compares_within_a_campaign(tmp_path):
+    """Each host / code version is set against its own one-GPU row, not the last one written."""
+    base = {"config": "llama3_1b_linear_0.50", "seq_len": 8192, "local_batch_size": 1, "extra_args": "",
+            "returncode": 0, "device": DEV}
+    rows = [dict(base, campaign="host A", ngpu=1, tokens_per_s=50000),
+            dict(base, campaign="host A", ngpu=4, tokens_per_s=46000),
+            dict(base, campaign="host B", ngpu=1, tokens_per_s=40000),
+            dict(base, campaign="host B", ngpu=2, tokens_per_s=38000)]
+    _write(tmp_path, scaling_h200=rows)
+    _run(tmp_path)
+    md = (tmp_path / "SUMMARY.md").read_text()
+    got = {(r[3], r[6], r[9]) for r in _rows(md, "llama3_1b_linear_0.50")}
+    assert got == {("1", "100.0%", "host A"), ("4", "92.0%", "host A"),
+                   ("1", "100.0%", "host B"), ("2", "95.0%", "host B")}
