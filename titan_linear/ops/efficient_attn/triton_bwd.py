@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import softmax_rows
-from .triton_diag import advance_state, diag_dk, diag_dp, load_sub_chunk, mm, state_before_chunk, z_before_chunk
+from .triton_diag import (advance_state, diag_dk, diag_dp, head_rows, load_rows, load_sub_chunk, mm, state_before_chunk,
+                          z_before_chunk)
 
 
 @triton.jit
@@ -65,23 +66,31 @@ def bwd_query_kernel(
     LB = tl.zeros([DK, DV], dtype=tl.float32)
     lb = tl.zeros([DK], dtype=tl.float32)
     H = HK * G
+    lo, end = n * C, tl.minimum(T, n * C + C)
+    k_raw = load_rows(K, b64, hk, lo, lo, end, skb, skh, skt, c, DK)
+    v_raw = load_rows(V, b64, hk, lo, lo, end, svb, svh, svt, c, DV)
+    q_raw = load_rows(Q, b64, hk * G, lo, lo, end, sqb, sqh, sqt, c, DK)
+    do_raw = load_rows(DO, b64, hk * G, lo, lo, end, sdob, sdoh, sdot, c, DV)
     for i in range(C // c):
         tl.store(R + (base * (C // c) + i) * DK + dk, r)
         t0 = n * C + i * c
         t = t0 + ic
         tm = t < T
         t64 = t.to(tl.int64)
+        # The next sub-chunk's rows, loaded while this one is worked on (triton_diag.load_rows).
+        k_next = load_rows(K, b64, hk, t0 + c, lo, end, skb, skh, skt, c, DK)
+        v_next = load_rows(V, b64, hk, t0 + c, lo, end, svb, svh, svt, c, DV)
+        q_next = load_rows(Q, b64, hk * G, t0 + c, lo, end, sqb, sqh, sqt, c, DK)
+        do_next = load_rows(DO, b64, hk * G, t0 + c, lo, end, sdob, sdoh, sdot, c, DV)
         krow, k2, v, rd, e, z, gate, r_next, kn = load_sub_chunk(
-            K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, vs, c, DK, DV, PREC, FAST)
+            K, b64, hk, t0, T, skb, skh, skt, k_raw, v_raw, r, vs, c, DK, DV, PREC, FAST)
         # 2^(r0 − z_t): r0 <= r, so no overflow; both -inf at the sequence's start, where the
         # summary is 0 (gate is), and -inf − -inf must not make it NaN.
         gate0 = gate * tl.where(r0 == r, 1.0, tl.exp2(r0 - r))[None, :]
         for g in range(G):
             h = hk * G + g
-            qp = Q + b64 * sqb + h * sqh + t64[:, None] * sqt + dk[None, :]
-            p = softmax_rows(tl.load(qp, mask=tm[:, None], other=0.0))
-            dop = DO + b64 * sdob + h * sdoh + t64[:, None] * sdot + dv[None, :]
-            do = tl.load(dop, mask=tm[:, None], other=0.0)
+            p = softmax_rows(head_rows(Q, b64, h, t0, T, sqb, sqh, sqt, q_raw, g, c, DK))
+            do = head_rows(DO, b64, h, t0, T, sdob, sdoh, sdot, do_raw, g, c, DV)
             da = mm(do, tl.trans(v), PREC)  # (t, s)
             dp = diag_dp(da, rd, e, z, FAST, krow, skt, T - t0, c, DK, PREC)
             dp += gate * mm(do, tl.trans(S), PREC)
@@ -95,6 +104,7 @@ def bwd_query_kernel(
             lb += tl.sum(cdp * gate0, axis=0)
         S = advance_state(S, r, r_next, kn, v, PREC)
         r = r_next
+        k_raw, v_raw, q_raw, do_raw = k_next, v_next, q_next, do_next
     slot = bhk.to(tl.int64) * NC + (n + NC - 1) % NC
     out = LBX + slot * DK * (DV + 1)
     tl.store(out + dk[:, None] * (DV + 1) + dv[None, :], LB)
@@ -134,8 +144,12 @@ def bwd_key_kernel(
         t = t0 + ic
         tm = t < T
         t64 = t.to(tl.int64)
+        # Loaded here: loading one sub-chunk ahead, as bwd_query_kernel does, did not make this
+        # kernel faster on an H100 (it spills registers already).
+        k_raw = load_rows(K, b64, hk, t0, t0, T, skb, skh, skt, c, DK)
+        v_raw = load_rows(V, b64, hk, t0, t0, T, svb, svh, svt, c, DV)
         krow, k2, v, rd, e, z, gate, r_end, kn = load_sub_chunk(
-            K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, vs, c, DK, DV, PREC, FAST)
+            K, b64, hk, t0, T, skb, skh, skt, k_raw, v_raw, r, vs, c, DK, DV, PREC, FAST)
         # The later summary is normalised to the z after this sub-chunk as the query kernel
         # carried it (r_next), so the keys are taken against that same reference.
         kt = tl.exp2(k2 - r_next[None, :])  # (s, DK), <= 1
@@ -148,12 +162,9 @@ def bwd_key_kernel(
         bs = bs * decay
         for g in range(G):
             h = hk * G + g
-            qp = Q + b64 * sqb + h * sqh + t64[:, None] * sqt + dk[None, :]
-            p = softmax_rows(tl.load(qp, mask=tm[:, None], other=0.0))
-            dop = DO + b64 * sdob + h * sdoh + t64[:, None] * sdot + dv[None, :]
-            do = tl.load(dop, mask=tm[:, None], other=0.0)
-            cp = CDP + ((b64 * H + h) * T + t64[:, None]) * DK + dk[None, :]
-            cdp = tl.load(cp, mask=tm[:, None], other=0.0)
+            p = softmax_rows(load_rows(Q, b64, h, t0, t0, T, sqb, sqh, sqt, c, DK))
+            do = load_rows(DO, b64, h, t0, t0, T, sdob, sdoh, sdot, c, DV)
+            cdp = load_rows(CDP, b64 * H, h, t0, t0, T, T * DK, T * DK, DK, c, DK)
             da = mm(do, tl.trans(v), PREC)  # (t, s)
             a, dkd = diag_dk(p, cdp, da, rd, e, z, FAST, krow, skt, T - t0, c, DK, PREC)
             dvs += mm(tl.trans(a), do, PREC)

@@ -83,12 +83,33 @@ def sub_chunks_exact_only(K, b64, hk, t0, T, skb, skh, skt, k2, SPAN: tl.constex
 
 
 @triton.jit
-def load_sub_chunk(K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, vs,
+def load_rows(X, b64, h, t0, lo, end, sxb, sxh, sxt, c: tl.constexpr, D: tl.constexpr):
+    """Rows t0 … t0 + c − 1 of head h of X as stored, 0 outside lo <= t < end. The kernels load the
+    next sub-chunk's rows before working on this one's (it is only used an iteration later, so
+    the loads are in flight during that work: each program is a chain of small products that
+    would otherwise wait on every load)."""
+    t = t0 + tl.arange(0, c)
+    xp = X + b64 * sxb + h.to(tl.int64) * sxh + t[:, None].to(tl.int64) * sxt + tl.arange(0, D)[None, :]
+    return tl.load(xp, mask=((t >= lo) & (t < end))[:, None], other=0.0)
+
+
+@triton.jit
+def head_rows(X, b64, h, t0, end, sxb, sxh, sxt, first, g, c: tl.constexpr, D: tl.constexpr):
+    """Rows of query head g of a group: `first` (loaded ahead) for g = 0, else loaded now."""
+    t = t0 + tl.arange(0, c)
+    xp = X + b64 * sxb + h.to(tl.int64) * sxh + t[:, None].to(tl.int64) * sxt + tl.arange(0, D)[None, :]
+    x = tl.load(xp, mask=(t < end)[:, None] & (g > 0), other=0.0)
+    return tl.where(g == 0, first, x)
+
+
+@triton.jit
+def load_sub_chunk(K, b64, hk, t0, T, skb, skh, skt, k_raw, v_raw, r, vs,
                    c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
                    FAST: tl.constexpr):
     """Keys (log2 units, -inf past T) and values less vs (DV; 0 past T) of positions
-    t0 … t0 + c − 1 of one kv head, and the sub-chunk's factors: FAST, the factorised form (the
-    caller knows it is exact here: sub_chunks_exact_only); else z from an exact log-add-exp scan.
+    t0 … t0 + c − 1 of one kv head, from their rows as loaded (k_raw, v_raw: load_rows), and
+    the sub-chunk's factors: FAST, the factorised form (the caller knows it is exact here:
+    sub_chunks_exact_only); else z from an exact log-add-exp scan.
 
     Returns (krow, k2, v, rd, e, z, gate, r_next, kn):
       krow   pointer to the first key row (for the exact loop);
@@ -97,15 +118,10 @@ def load_sub_chunk(K, V, b64, hk, t0, T, skb, skh, skt, svb, svh, svt, r, vs,
       gate   2^(r − z2_t) (c, DK), <= 1: how the state before the sub-chunk reaches position t;
       r_next z2 after the sub-chunk (DK); kn = 2^(k2 − r_next) (c, DK), the keys as they enter
              the state normalised to r_next."""
-    ic = tl.arange(0, c)
-    tm = (t0 + ic < T)[:, None]
+    tm = (t0 + tl.arange(0, c) < T)[:, None]
     krow = K + b64 * skb + hk * skh + t0.to(tl.int64) * skt
-    vrow = V + b64 * svb + hk * svh + t0.to(tl.int64) * svt
-    k2 = tl.load(krow + ic[:, None].to(tl.int64) * skt + tl.arange(0, DK)[None, :], mask=tm,
-                 other=float("-inf")).to(tl.float32) * LOG2E
-    v = tl.load(vrow + ic[:, None].to(tl.int64) * svt + tl.arange(0, DV)[None, :], mask=tm,
-                other=0.0).to(tl.float32)
-    v = tl.where(tm, v - vs[None, :], 0.0)
+    k2 = tl.where(tm, k_raw.to(tl.float32) * LOG2E, float("-inf"))
+    v = tl.where(tm, v_raw.to(tl.float32) - vs[None, :], 0.0)
     if FAST:
         m = tl.maximum(r, tl.max(k2, axis=0))  # finite: a real position is here or came before
         e = tl.exp2(k2 - m[None, :])
