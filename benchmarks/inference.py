@@ -2,7 +2,8 @@
 
 For each linear-attention ratio and context length: one prefill of `context` random tokens
 (timed after an untimed prefill of the same length), then `--decode-tokens` greedy decode
-steps, each timed on its own. Softmax layers decode from a KV cache, linear layers from
+steps, each timed on its own (on CUDA each replays one captured CUDA graph, unless
+--eager-decode; row key "decode"). Softmax layers decode from a KV cache, linear layers from
 their constant-size recurrent state (titan_linear/inference/). Random weights; the model is
 the train spec's flavor with `linear_attn_ratio` set (uniform placement).
 
@@ -32,6 +33,7 @@ from torchtitan.protocols.train_spec import get_train_spec  # noqa: E402
 
 from titan_linear.inference import decode_step, prefill, prepare_model  # noqa: E402
 from titan_linear.inference.build import materialize  # noqa: E402
+from titan_linear.inference.graph_decode import GraphDecoder  # noqa: E402
 from titan_linear.ops.efficient_attn import impl_name  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -53,8 +55,10 @@ def _peak_gib(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / GIB, 3) if device.type == "cuda" else None
 
 
-def measure(model, context: int, decode_tokens: int, batch: int, device: torch.device, seed: int) -> dict:
-    """Prefill and decode timings and memory at one context length."""
+def measure(model, context: int, decode_tokens: int, batch: int, device: torch.device, seed: int,
+            graph: bool = False) -> dict:
+    """Prefill and decode timings and memory at one context length; graph: decode by replaying
+    a CUDA graph (titan_linear/inference/graph_decode.py) instead of eagerly."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     tokens = torch.randint(0, model.model_args.vocab_size, (batch, context), generator=gen).to(device)
     max_len = context + decode_tokens
@@ -71,10 +75,15 @@ def measure(model, context: int, decode_tokens: int, batch: int, device: torch.d
 
     _reset_peak(device)
     token = logits[:, -1].argmax(-1)
+    if graph:
+        step = GraphDecoder(model, caches)  # captured once, before the timed steps
+    else:
+        def step(tok):
+            return decode_step(model, tok, caches)
     times = []
     for _ in range(decode_tokens):
         start = _now(device)
-        token = decode_step(model, token, caches).argmax(-1)
+        token = step(token).argmax(-1)
         times.append(1000 * (_now(device) - start))
     peak_decode = _peak_gib(device)
     return {
@@ -100,6 +109,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16 on cuda, fp32 on cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eager-decode", action="store_true",
+                    help="decode eagerly on cuda too (default there: replay one captured CUDA graph per step)")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -107,6 +118,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
     rows = []
+    graph = device.type == "cuda" and not a.eager_decode
     for ratio in a.ratios:
         args = copy.deepcopy(spec.model_args[a.flavor])
         args.linear_attn_ratio = ratio
@@ -115,9 +127,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for context in a.contexts:
             row = {"config": f"{a.name} {a.flavor}", "ratio": ratio, "layer_map": args.layer_map,
                    "batch": a.batch, "device": device_name, "dtype": str(dtype).removeprefix("torch."),
-                   "linear_attn_impl": impl_name(device, dtype, args.dim // args.n_heads)}
+                   "linear_attn_impl": impl_name(device, dtype, args.dim // args.n_heads),
+                   "decode": "cuda graph" if graph else "eager"}
             try:
-                row.update(measure(model, context, a.decode_tokens, a.batch, device, a.seed))
+                row.update(measure(model, context, a.decode_tokens, a.batch, device, a.seed, graph))
             except torch.OutOfMemoryError as e:
                 row.update(context=context, error=f"OutOfMemoryError: {str(e).splitlines()[0][:200]}")
                 torch.cuda.empty_cache()

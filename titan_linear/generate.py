@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds sampling and --random-init")
     p.add_argument("--device", default=None, help="cpu or cuda; default cuda when there is one")
     p.add_argument("--dtype", default=None, help="bf16 or fp32; default bf16 on cuda, fp32 on cpu")
+    p.add_argument("--eager-decode", action="store_true",
+                   help="decode eagerly on cuda too (default there: replay one captured CUDA graph per step)")
     return p
 
 
@@ -110,8 +112,10 @@ def run(argv: list[str]) -> int:
 
     # Untimed warm-up over the same prompt (prefill, one decode step): first calls pay for
     # lazy set-up and per-shape kernel plans.
-    generate(model, prompt, 2, sampling, seed=args.seed)
-    result = generate(model, prompt, args.max_new_tokens, sampling, seed=args.seed, eos_id=tokenizer.eos_id)
+    graph = False if args.eager_decode else None
+    generate(model, prompt, 2, sampling, seed=args.seed, cuda_graph=graph)
+    result = generate(model, prompt, args.max_new_tokens, sampling, seed=args.seed, eos_id=tokenizer.eos_id,
+                      cuda_graph=graph)
     layer_map = getattr(model_args, "layer_map", "S" * model_args.n_layers)
     print(f"model: {job_config.model.name} {job_config.model.flavor}, layer map {layer_map}, "
           f"weights: {source}, {device.type} {dtype}", flush=True)
@@ -119,7 +123,8 @@ def run(argv: list[str]) -> int:
     print(f"prefill: {result.prefill_ms:.2f} ms for {len(prompt)} prompt tokens")
     end = "stopped at EOS" if result.stopped_on_eos else "max_new_tokens reached"
     print(f"decode: {result.decode_ms_per_token:.2f} ms/token over {len(result.decode_ms)} steps, "
-          f"{result.tokens_per_s:.1f} tokens/s; {len(result.tokens)} new tokens ({end})")
+          f"{result.tokens_per_s:.1f} tokens/s; {len(result.tokens)} new tokens ({end})"
+          + (f"; CUDA graph captured in {result.capture_ms:.0f} ms" if result.capture_ms else ""))
     return 0
 
 

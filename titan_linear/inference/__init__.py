@@ -10,6 +10,8 @@ their modules (tok_embeddings, layers[i].attention.wq/wk/wv/wo, norms, feed_forw
 - cache.py:      KVCache, Caches (per layer KVCache or RecurrentState, and the length).
 - prefill.py:    the model's parallel forward over the prompt, filling the caches.
 - decode.py:     decode_step, one token through every block from the caches.
+- graph_decode.py: the same step with fixed shapes, replayed from a CUDA graph (GraphDecoder);
+                 generate() uses it on CUDA.
 - sampling.py:   greedy / temperature / top-k / top-p.
 - generation.py: the loop with timings; `python -m titan_linear.generate` is its command.
 - build.py:      a model from a training TOML and a DCP checkpoint, and its tokenizer.
@@ -18,6 +20,7 @@ their modules (tok_embeddings, layers[i].attention.wq/wk/wv/wo, norms, feed_forw
 from .cache import Caches, is_linear, KVCache
 from .decode import decode_step
 from .generation import generate, GenerationResult
+from .graph_decode import GraphDecoder, static_decode_step
 from .prefill import prefill, recurrent_state_from_prompt
 from .prepare import cast_weights, ensure_rope_length, prepare_model
 from .sampling import filter_logits, sample, SamplingConfig
@@ -25,6 +28,7 @@ from .sampling import filter_logits, sample, SamplingConfig
 __all__ = [
     "Caches",
     "GenerationResult",
+    "GraphDecoder",
     "KVCache",
     "SamplingConfig",
     "cast_weights",
@@ -37,4 +41,5 @@ __all__ = [
     "prepare_model",
     "recurrent_state_from_prompt",
     "sample",
+    "static_decode_step",
 ]

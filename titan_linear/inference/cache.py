@@ -35,7 +35,9 @@ class KVCache:
     @classmethod
     def empty(cls, bs: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device) -> "KVCache":
         shape = (bs, n_kv_heads, max_len, head_dim)
-        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+        # Zeros, not uninitialised memory: the fixed-shape decode step (graph_decode.py) reads
+        # the positions not yet written, with weight 0, and 0 x NaN would still be NaN.
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
     @property
     def max_len(self) -> int:

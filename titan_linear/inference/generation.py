@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .decode import decode_step
+from .graph_decode import GraphDecoder
 from .prefill import prefill
 from .sampling import sample, SamplingConfig
 
@@ -20,12 +21,14 @@ class GenerationResult:
         prefill_ms: wall time of the prefill (prompt forward and cache fill).
         decode_ms: wall time of each decode step, one per token fed back into the model.
         stopped_on_eos: generation ended because EOS was sampled.
+        capture_ms: wall time of capturing the decode step's CUDA graph (0 when decoding eagerly).
     """
 
     tokens: list[int]
     prefill_ms: float
     decode_ms: list[float] = field(default_factory=list)
     stopped_on_eos: bool = False
+    capture_ms: float = 0.0
 
     @property
     def decode_ms_per_token(self) -> float:
@@ -52,6 +55,7 @@ def generate(
     sampling: SamplingConfig = SamplingConfig(),
     seed: int = 0,
     eos_id: int | None = None,
+    cuda_graph: bool | None = None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after `prompt` (one sequence).
 
@@ -65,6 +69,8 @@ def generate(
         sampling: greedy (default) or temperature / top-k / top-p.
         seed: seeds the sampling stream, so equal seeds give equal text; default 0.
         eos_id: stop once this token is sampled (it is not returned); default None never stops early.
+        cuda_graph: decode by replaying a CUDA graph (graph_decode.py) rather than eagerly;
+            default None: on a CUDA model, when more than one token is asked for.
     """
     if not prompt:
         raise ValueError("the prompt must hold at least one token")
@@ -79,6 +85,15 @@ def generate(
     logits, caches = prefill(model, tokens, max_len=len(prompt) + max_new_tokens)
     token = sample(logits[:, -1], sampling, generator)
     result = GenerationResult([], prefill_ms=1000.0 * (_now(device) - start))
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda" and max_new_tokens > 1
+    if cuda_graph:
+        start = _now(device)
+        step = GraphDecoder(model, caches)
+        result.capture_ms = 1000.0 * (_now(device) - start)
+    else:
+        def step(token):
+            return decode_step(model, token, caches)
     while True:
         token_id = int(token)  # waits for the device, as any streaming decoder must
         if eos_id is not None and token_id == eos_id:
@@ -88,7 +103,7 @@ def generate(
         if len(result.tokens) == max_new_tokens:
             break
         start = _now(device)
-        logits = decode_step(model, token, caches)
+        logits = step(token)
         token = sample(logits, sampling, generator)
         result.decode_ms.append(1000.0 * (_now(device) - start))
     return result
