@@ -106,20 +106,26 @@ def run_error(r: dict, what: str) -> list[str]:
 def e2e_section(name: str, rows: list[dict], baseline: str) -> tuple[list[str], list[dict]]:
     # Rows of the torch and the Triton path of linear layers are kept apart; each is compared
     # with the baseline measured in the same campaign (same impl label).
-    cells = latest(rows, "config", "seq_len", "linear_attn_impl")
-    base = {(s, i): r.get("tokens_per_s") for (c, s, i), r in cells.items() if c == baseline}
+    # Runs with overrides (no activation checkpointing, ...) or another batch are their own
+    # rows, compared with the baseline run the same way.
+    cells = latest(rows, "config", "seq_len", "local_batch_size", "extra_args", "linear_attn_impl")
+    base = {(s, b, x, i): r.get("tokens_per_s") for (c, s, b, x, i), r in cells.items() if c == baseline}
+    overrides = any(x for _, _, _, x, _ in cells)
     body, errors = [], []
-    for (config, seq, impl), r in sorted(cells.items(), key=lambda kv: (str(kv[0][2]), kv[0][1],
-                                                                        kv[0][0] != baseline, kv[0][0])):
+    for (config, seq, batch, extra, impl), r in sorted(
+            cells.items(), key=lambda kv: (str(kv[0][4]), str(kv[0][3]), kv[0][1], str(kv[0][2]),
+                                           kv[0][0] != baseline, kv[0][0])):
         tps = r.get("tokens_per_s")
-        ratio = f"{tps / base[seq, impl]:.2f}" if tps and base.get((seq, impl)) else "—"
-        errors += run_error(r, f"{config} seq_len {seq}")
+        ref = base.get((seq, batch, extra, impl))
+        ratio = f"{tps / ref:.2f}" if tps and ref else "—"
+        errors += run_error(r, f"{config} seq_len {seq} {extra or ''}".strip())
         mfu = r.get("mfu")
-        body.append([config, str(seq), str(r.get("local_batch_size", "")), impl or "—",
-                     f"{tps:,.0f}" if tps else "failed", f"{mfu:.1f}%" if mfu is not None else "—",
-                     fmt(r.get("peak_gib")), ratio, fmt(r.get("final_loss"), 4)])
-    header = ["config", "seq_len", "batch", "linear layers", "tokens/s", "MFU", "peak GiB",
-              f"tokens/s vs {baseline}", "final loss"]
+        body.append([config, str(seq), str(batch if batch is not None else ""), impl or "—"]
+                    + ([extra or "—"] if overrides else [])
+                    + [f"{tps:,.0f}" if tps else "failed", f"{mfu:.1f}%" if mfu is not None else "—",
+                       fmt(r.get("peak_gib")), ratio, fmt(r.get("final_loss"), 4)])
+    header = (["config", "seq_len", "batch", "linear layers"] + (["overrides"] if overrides else [])
+              + ["tokens/s", "MFU", "peak GiB", f"tokens/s vs {baseline}", "final loss"])
     out = [f"## End-to-end training ({name}.json)", "", f"Device: {devices(rows)}.", "", *table(header, body)]
     return out + error_lines(errors), []
 

@@ -149,3 +149,17 @@ def test_report_scaling_compares_within_a_campaign(tmp_path):
     got = {(r[3], r[6], r[9]) for r in _rows(md, "llama3_1b_linear_0.50")}
     assert got == {("1", "100.0%", "host A"), ("4", "92.0%", "host A"),
                    ("1", "100.0%", "host B"), ("2", "95.0%", "host B")}
+
+
+def test_report_e2e_rows_with_overrides_compare_with_the_baseline_run_the_same_way(tmp_path):
+    run = {"seq_len": 8192, "local_batch_size": 1, "returncode": 0, "device": DEV, "linear_attn_impl": "triton"}
+    no_ac = "--activation_checkpoint.mode none"
+    rows = [dict(run, config="llama3_1b", extra_args="", tokens_per_s=40000, peak_gib=26.0),
+            dict(run, config="llama3_1b_linear_0.50", extra_args="", tokens_per_s=44000, peak_gib=26.0),
+            dict(run, config="llama3_1b", extra_args=no_ac, tokens_per_s=50000, peak_gib=60.0),
+            dict(run, config="llama3_1b_linear_0.50", extra_args=no_ac, tokens_per_s=60000, peak_gib=50.0)]
+    _write(tmp_path, e2e_h100=rows)
+    _run(tmp_path)
+    md = (tmp_path / "SUMMARY.md").read_text()
+    got = {(r[4], r[5], r[8]) for r in _rows(md, "llama3_1b_linear_0.50")}
+    assert got == {("—", "44,000", "1.10"), (no_ac, "60,000", "1.20")}
