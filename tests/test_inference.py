@@ -16,6 +16,7 @@ from titan_linear.inference import (
     prefill,
     prepare_model,
     recurrent_state_from_prompt,
+    static_decode_step,
 )
 from titan_linear.ops.efficient_attn import efficient_attention_recurrent, RecurrentState
 from tests.helpers import build, debug_args
@@ -29,15 +30,24 @@ def _model(ratio: float, dtype=torch.float32, seed: int = 0, max_len: int = 64):
     return prepare_model(model, dtype, max_len=max_len)
 
 
+def _fixed_shape_step(model, token, caches):
+    # graph_decode.static_decode_step as GraphDecoder drives it, without the graph (CPU).
+    logits = static_decode_step(model, token.reshape(-1, 1), caches, torch.tensor([caches.length]))
+    caches.length += 1
+    return logits
+
+
+@pytest.mark.parametrize("step", [decode_step, _fixed_shape_step], ids=["eager", "fixed_shape"])
 @pytest.mark.parametrize("ratio", RATIOS, ids=lambda r: f"ratio{r}")
 @pytest.mark.parametrize("prompt_len", [1, 23], ids=lambda t: f"P{t}")
-def test_prefill_then_decode_step_matches_parallel_forward(ratio, prompt_len):
+def test_prefill_then_decode_step_matches_parallel_forward(ratio, prompt_len, step):
     model = _model(ratio, torch.float64)
     torch.manual_seed(1)
     tokens = torch.randint(0, 2048, (2, 41))
     expected = model(tokens)  # (2, 41, vocab): one parallel forward over the whole sequence
-    logits, caches = prefill(model, tokens[:, :prompt_len], max_len=41, all_logits=True)
-    steps = [decode_step(model, tokens[:, t], caches) for t in range(prompt_len, 41)]
+    # Room for 7 more positions: the fixed-shape step reads the unwritten ones (weight 0).
+    logits, caches = prefill(model, tokens[:, :prompt_len], max_len=48, all_logits=True)
+    steps = [step(model, tokens[:, t], caches) for t in range(prompt_len, 41)]
     got = torch.cat([logits, torch.stack(steps, dim=1)], dim=1)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
     assert caches.length == 41
