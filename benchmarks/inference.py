@@ -33,7 +33,7 @@ from torchtitan.protocols.train_spec import get_train_spec  # noqa: E402
 
 from titan_linear.inference import decode_step, prefill, prepare_model  # noqa: E402
 from titan_linear.inference.build import materialize  # noqa: E402
-from titan_linear.inference.graph_decode import GraphDecoder  # noqa: E402
+from titan_linear.inference.graph_decode import decoder  # noqa: E402
 from titan_linear.ops.efficient_attn import impl_name  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -75,11 +75,7 @@ def measure(model, context: int, decode_tokens: int, batch: int, device: torch.d
 
     _reset_peak(device)
     token = logits[:, -1].argmax(-1)
-    if graph:
-        step = GraphDecoder(model, caches)  # captured once, before the timed steps
-    else:
-        def step(tok):
-            return decode_step(model, tok, caches)
+    step = decoder(model, caches, graph)  # a graph is captured here, before the timed steps
     times = []
     for _ in range(decode_tokens):
         start = _now(device)

@@ -43,15 +43,24 @@ def _linear_attention_step(attn: nn.Module, x, caches: Caches, name: str) -> tor
     return out  # (bs, n_heads, 1, head_dim)
 
 
-def _block_step(block: nn.Module, name: str, x: torch.Tensor, caches: Caches, freqs_cis) -> torch.Tensor:
-    attn = block.attention
-    a = block.attention_norm(x)
-    if is_linear(block):
-        out = _linear_attention_step(attn, a, caches, name)
-    else:
-        out = _softmax_attention_step(attn, a, caches.layers[name], caches.length, freqs_cis)
-    h = x + attn.wo(out.transpose(1, 2).reshape(x.shape[0], 1, -1))
-    return h + block.feed_forward(block.ffn_norm(h))
+def through_blocks(model: nn.Module, token: torch.Tensor, attend) -> torch.Tensor:
+    """One token through every block, TransformerBlock.forward's arithmetic for a sequence of
+    one, with each block's attention taken from `attend(name, block, x)` ((bs, 1, dim) normed
+    input -> (bs, n_heads, 1, head_dim)); decode_step and graph_decode's step differ only there.
+
+    Returns (bs, vocab) logits for the next token."""
+    h = model.tok_embeddings(token.reshape(-1, 1))  # (bs, 1, dim)
+    for name, block in model.layers.items():
+        out = attend(name, block, block.attention_norm(h))
+        h = h + block.attention.wo(out.transpose(1, 2).reshape(h.shape[0], 1, -1))
+        h = h + block.feed_forward(block.ffn_norm(h))
+    return model.output(model.norm(h))[:, 0]
+
+
+def check_room(caches: Caches) -> None:
+    """Refuse a step past the positions the KV caches were allocated for."""
+    if caches.length >= caches.max_len:
+        raise ValueError(f"the caches are full: max_len = {caches.max_len} positions")
 
 
 @torch.no_grad()
@@ -66,10 +75,13 @@ def decode_step(model: nn.Module, token: torch.Tensor, caches: Caches) -> torch.
     Returns:
         (bs, vocab) logits for the next token.
     """
-    if caches.length >= caches.max_len:
-        raise ValueError(f"the caches are full: max_len = {caches.max_len} positions")
-    h = model.tok_embeddings(token.reshape(-1, 1))  # (bs, 1, dim)
-    for name, block in model.layers.items():
-        h = _block_step(block, name, h, caches, model.freqs_cis)
+    check_room(caches)
+
+    def attend(name, block, x):
+        if is_linear(block):
+            return _linear_attention_step(block.attention, x, caches, name)
+        return _softmax_attention_step(block.attention, x, caches.layers[name], caches.length, model.freqs_cis)
+
+    logits = through_blocks(model, token, attend)
     caches.length += 1
-    return model.output(model.norm(h))[:, 0]
+    return logits

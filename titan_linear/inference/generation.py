@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .decode import decode_step
-from .graph_decode import GraphDecoder
+from .graph_decode import decoder
 from .prefill import prefill
 from .sampling import sample, SamplingConfig
 
@@ -87,13 +86,10 @@ def generate(
     result = GenerationResult([], prefill_ms=1000.0 * (_now(device) - start))
     if cuda_graph is None:
         cuda_graph = device.type == "cuda" and max_new_tokens > 1
+    start = _now(device)
+    step = decoder(model, caches, cuda_graph)
     if cuda_graph:
-        start = _now(device)
-        step = GraphDecoder(model, caches)
         result.capture_ms = 1000.0 * (_now(device) - start)
-    else:
-        def step(token):
-            return decode_step(model, token, caches)
     while True:
         token_id = int(token)  # waits for the device, as any streaming decoder must
         if eos_id is not None and token_id == eos_id:

@@ -23,7 +23,7 @@ from torchtitan.models.llama3.model.model import apply_rotary_emb
 from titan_linear.ops.efficient_attn import efficient_attention_step, RecurrentState
 
 from .cache import Caches, is_linear, KVCache
-from .decode import _heads
+from .decode import _heads, check_room, decode_step, through_blocks
 
 
 def _softmax_attention(attn: nn.Module, x, cache: KVCache, pos: torch.Tensor, filled: torch.Tensor, freqs_cis):
@@ -78,24 +78,20 @@ def static_decode_step(model: nn.Module, token: torch.Tensor, caches: Caches, po
     Args:
         model, caches: as for decode_step; every linear layer's state must exist (a prefill of
             at least one token makes it).
-        token: (bs, 1) token ids.
+        token: (bs,) or (bs, 1) token ids.
         pos: (1,) int64 on the model's device, the position of `token` (= caches.length).
 
     Returns:
         (bs, vocab) logits. Updates the caches in place but not caches.length (the caller's).
     """
     filled = torch.arange(caches.max_len, device=pos.device) <= pos
-    h = model.tok_embeddings(token)
-    for name, block in model.layers.items():
-        attn, layer = block.attention, caches.layers[name]
-        a = block.attention_norm(h)
+
+    def attend(name, block, x):
         if is_linear(block):
-            out = _linear_attention(attn, a, layer)
-        else:
-            out = _softmax_attention(attn, a, layer, pos, filled, model.freqs_cis)
-        h = h + attn.wo(out.transpose(1, 2).reshape(h.shape[0], 1, -1))
-        h = h + block.feed_forward(block.ffn_norm(h))
-    return model.output(model.norm(h))[:, 0]
+            return _linear_attention(block.attention, x, caches.layers[name])
+        return _softmax_attention(block.attention, x, caches.layers[name], pos, filled, model.freqs_cis)
+
+    return through_blocks(model, token, attend)
 
 
 class GraphDecoder:
@@ -138,10 +134,16 @@ class GraphDecoder:
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence at position caches.length; returns (bs, vocab) logits."""
         caches = self.caches
-        if caches.length >= caches.max_len:
-            raise ValueError(f"the caches are full: max_len = {caches.max_len} positions")
+        check_room(caches)
         self.token.copy_(token.reshape(self.token.shape))
         self.pos.fill_(caches.length)
         self.graph.replay()
         caches.length += 1
         return self.logits.clone()
+
+
+def decoder(model: nn.Module, caches: Caches, cuda_graph: bool):
+    """The per-token step for these caches: a GraphDecoder, or decode_step run eagerly."""
+    if cuda_graph:
+        return GraphDecoder(model, caches)
+    return lambda token: decode_step(model, token, caches)

@@ -84,10 +84,10 @@ def sub_chunks_exact_only(K, b64, hk, t0, T, skb, skh, skt, k2, SPAN: tl.constex
 
 @triton.jit
 def load_rows(X, b64, h, t0, lo, end, sxb, sxh, sxt, c: tl.constexpr, D: tl.constexpr):
-    """Rows t0 … t0 + c − 1 of head h of X as stored, 0 outside lo <= t < end. The kernels load the
-    next sub-chunk's rows before working on this one's (it is only used an iteration later, so
-    the loads are in flight during that work: each program is a chain of small products that
-    would otherwise wait on every load)."""
+    """Rows t0 … t0 + c − 1 of head h of X as stored, 0 outside lo <= t < end. bwd_query_kernel
+    loads the next sub-chunk's rows before working on this one's (they are used an iteration
+    later, so the loads are in flight during that work: each program is a chain of small
+    products that would otherwise wait on every load)."""
     t = t0 + tl.arange(0, c)
     xp = X + b64 * sxb + h.to(tl.int64) * sxh + t[:, None].to(tl.int64) * sxt + tl.arange(0, D)[None, :]
     return tl.load(xp, mask=((t >= lo) & (t < end))[:, None], other=0.0)
@@ -95,10 +95,9 @@ def load_rows(X, b64, h, t0, lo, end, sxb, sxh, sxt, c: tl.constexpr, D: tl.cons
 
 @triton.jit
 def head_rows(X, b64, h, t0, end, sxb, sxh, sxt, first, g, c: tl.constexpr, D: tl.constexpr):
-    """Rows of query head g of a group: `first` (loaded ahead) for g = 0, else loaded now."""
-    t = t0 + tl.arange(0, c)
-    xp = X + b64 * sxb + h.to(tl.int64) * sxh + t[:, None].to(tl.int64) * sxt + tl.arange(0, D)[None, :]
-    x = tl.load(xp, mask=(t < end)[:, None] & (g > 0), other=0.0)
+    """Rows of query head g of a group: `first` (loaded ahead) for g = 0, else loaded now (for
+    g = 0 the load's range is empty, so it reads nothing)."""
+    x = load_rows(X, b64, h, t0, t0, tl.where(g > 0, end, t0), sxb, sxh, sxt, c, D)
     return tl.where(g == 0, first, x)
 
 

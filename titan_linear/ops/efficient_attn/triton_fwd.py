@@ -82,7 +82,7 @@ def chunk_output_kernel(
     n = tl.program_id(0)
     bhk = tl.program_id(1)
     b, hk = bhk // HK, bhk % HK
-    dk, dv, ic = tl.arange(0, DK), tl.arange(0, DV), tl.arange(0, c)
+    dv, ic = tl.arange(0, DV), tl.arange(0, c)
     base = bhk.to(tl.int64) * NC + n
     if (tl.load(FLAGS + base) == 0) != FAST:
         return
