@@ -1,6 +1,6 @@
 """Causal efficient attention: the chunked and recurrent forms against the quadratic reference.
 
-The properties are those of MATH.md §1 ("Checks every implementation must pass"). Exactness
+The properties are those of docs/attention.md ("Checks every implementation passes"). Exactness
 checks run in float64, where every implementation must agree to ~1e-10; fp32 and bf16 runs are
 compared with the float64 reference by relative RMSE, as fla's tests do.
 """

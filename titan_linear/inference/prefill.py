@@ -13,8 +13,8 @@ in softmax layers, and stores:
       z_T = logsumexp_s k_s        S_T = Σ_s exp(k_s − z_T) ⊗ v_s
 
   one exp and one matmul per kv head; every exponent is ≤ 0, so nothing overflows. This is
-  the state the recurrence ends in (MATH.md §1), in the op's compute dtype (fp32, fp64 for
-  fp64 inputs).
+  the state the recurrence ends in (docs/attention.md, "Recurrent form"), in the op's
+  compute dtype (fp32, fp64 for fp64 inputs).
 """
 
 import torch

@@ -1,4 +1,4 @@
-"""Causal efficient attention (MATH.md §1): one public entry point beside its references.
+"""Causal efficient attention (docs/attention.md): one public entry point beside its references.
 
 `efficient_attention` is what models call. `naive.py` holds the fp32 references (quadratic and
 recurrent) and the one-token decoding step; `chunk.py` holds the plain-torch chunked form;

@@ -1,9 +1,10 @@
 """Chunked causal efficient attention in plain torch: exact at any key scale, memory linear in T.
 
 The weight of key s for query t is exp(k_s − z_t) with z the logcumsumexp of the keys
-(MATH.md §1). Every exponential below is of a difference that is <= 0, so nothing overflows
-however large the keys are. The sequence is cut into sub-chunks of c positions (16 by default)
-grouped into chunks of C positions (chunk_size); query t in sub-chunk i of chunk n sees
+(docs/attention.md, "Chunked form"). Every exponential below is of a difference that is <= 0,
+so nothing overflows however large the keys are. The sequence is cut into sub-chunks of c
+positions (16 by default) grouped into chunks of C positions (chunk_size); query t in
+sub-chunk i of chunk n sees
 
 1. keys of its own sub-chunk (s <= t): the exact masked form exp(k_s − z_t), a c × c × d tensor
    per sub-chunk, i.e. c · T · d in all;
@@ -13,7 +14,8 @@ grouped into chunks of C positions (chunk_size); query t in sub-chunk i of chunk
    end of the previous chunk and built by a log-depth scan over chunks (no Python loop over T).
 
 A single factorisation reference per block is what keeps this exact: the global-max trick uses
-one reference for the whole sequence and underflows (MATH.md §1, "Traps").
+one reference for the whole sequence and underflows (docs/attention.md, "Exact at any key
+scale").
 """
 
 import torch

@@ -1,4 +1,5 @@
-"""Readable references for causal efficient attention (MATH.md §1).
+"""Readable references for causal efficient attention (docs/attention.md, "Definition" and
+"Recurrent form").
 
 For each head, with q_t, k_t, v_t the rows of q, k, v:
 

@@ -1,4 +1,5 @@
-"""Triton backward kernels of causal efficient attention (MATH.md §1).
+"""Triton backward kernels of causal efficient attention (docs/attention.md, "Gradients";
+docs/kernels.md, "Backward").
 
 With w_ts[d] = exp(k_s[d] − z_t[d]) (s <= t), p_t = softmax(q_t) and dA_ts = do_t · v_s:
 

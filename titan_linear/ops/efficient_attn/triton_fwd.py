@@ -1,4 +1,5 @@
-"""Triton forward kernels of causal efficient attention (MATH.md §1).
+"""Triton forward kernels of causal efficient attention (docs/kernels.md, "Forward"; the
+symbols are defined in docs/attention.md, "Notation of the Triton kernels").
 
 Three passes, each parallel over chunks of C positions, so a 64K-token sequence keeps the GPU
 as busy as 32 sequences of 2K:
