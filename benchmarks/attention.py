@@ -1,7 +1,7 @@
 """Attention alone, forward + backward, bf16: FlashAttention (SDPA) against efficient attention.
 
-Each call holds 65,536 tokens (batch x T) by default, as in TORCHTITAN.md's table, so time
-per call should stay flat in T for a linear-time method. Rows go to a JSON file:
+Each call holds 65,536 tokens (batch x T) by default, so time per call should stay flat in T
+for a linear-time method. Rows go to a JSON file:
 
     python benchmarks/attention.py --out benchmarks/results/attention_h100.json
 

@@ -120,7 +120,7 @@ def test_medium512_shape_and_report():
     rep = parameter_report(model)
     d, V, L = 512, 50257, 6
     assert model.layers["0"].feed_forward.w1.weight.shape == (2048, 512)
-    assert rep["components"]["embeddings"]["total"] == V * d == 25_731_584  # seed 001 §1.2
+    assert rep["components"]["embeddings"]["total"] == V * d == 25_731_584  # GPT-2 vocabulary x width 512
     assert rep["frozen"] == L * 2 * d * d
     assert rep["components"]["feed_forward"]["total"] == L * 3 * d * 2048
 

@@ -35,7 +35,7 @@ def _lrs(cfg, steps: int, base_lr: float = 1e-3) -> list[float]:
 
 
 def test_cosine_with_floor_matches_formula():
-    W, T, m, lr = 40, 1000, 0.1, 5e-4  # seed 000 Small, scaled down
+    W, T, m, lr = 40, 1000, 0.1, 5e-4  # oelm_small.toml's schedule, scaled down
     lrs = _lrs(_lr_config(schedule="cosine", warmup_steps=W, min_lr_ratio=m), T, lr)
     for s in (0, 9, 39):
         assert lrs[s] == pytest.approx(lr * (s + 1) / W)
@@ -47,7 +47,7 @@ def test_cosine_with_floor_matches_formula():
 
 
 def test_cosine_restarts_matches_formula():
-    W, T, R, m, lr = 80, 3000, 1000, 0.1, 3e-4  # seed 000 Base, scaled down
+    W, T, R, m, lr = 80, 3000, 1000, 0.1, 3e-4  # oelm_base.toml's schedule, scaled down
     lrs = _lrs(_lr_config(schedule="cosine_restarts", warmup_steps=W, min_lr_ratio=m, restart_interval=R), T, lr)
     for s in (80, 500, 1079, 1080, 1081, 2080, 2999):
         c = ((s - W) % R) / R
@@ -57,11 +57,11 @@ def test_cosine_restarts_matches_formula():
 
 
 def test_polynomial_matches_formula():
-    W, T, m, power, lr = 120, 5000, 0.05, 2.0, 2e-4  # seed 000 Large, scaled down
+    W, T, m, power, lr = 120, 5000, 0.05, 2.0, 2e-4  # oelm_large.toml's schedule, scaled down
     lrs = _lrs(_lr_config(schedule="polynomial", warmup_steps=W, min_lr_ratio=m, power=power), T, lr)
     for s in (120, 777, 2500, 4999):
         p = (s - W) / (T - W)
-        # seed 000: lr = (base_lr - min_lr) * (1 - p) ** power + min_lr
+        # the same factor written as lr = (base_lr - min_lr) * (1 - p) ** power + min_lr
         assert lrs[s] == pytest.approx((lr - m * lr) * (1 - p) ** power + m * lr)
 
 

@@ -1,4 +1,4 @@
-"""compare_oelm end to end on the CPU, tiny: both runs train, the table has the seed 001 §3.2 columns."""
+"""compare_oelm end to end on the CPU, tiny: both runs train, the table has the comparison's columns."""
 
 import json
 import re

@@ -8,7 +8,7 @@ medium512_oelm.toml (change with --gpt-config / --oelm-config), the same
 `--debug.seed`, steps, batch and sequence length. `--data FILE` trains on the
 first 90 % of FILE's characters and validates on the rest (the tinyshakespeare
 split); without it the packaged tinyshakespeare text is used. Written to --out:
-- comparison.md: the table of seed 001 §3.2 (best val loss, val perplexity, gap in
+- comparison.md: the comparison table (best val loss, val perplexity, gap in
   perplexity relative to GPT, total and trainable parameters) plus the settings;
 - comparison.json: the same numbers and both loss curves;
 - loss_curves.png: train and val loss against step (needs matplotlib; skipped with a

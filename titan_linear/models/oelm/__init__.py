@@ -1,12 +1,12 @@
 """The OELM llama3 train spec ("llama3_oelm"): flavors and TorchTitan builders.
 
-Flavors (SwiGLU FFN as in llama3: three d x h matrices where the seeds' GPT FFN has
-two, so FFN parameters are 1.5x the seeds' counts at the same hidden width h):
+Flavors (docs/recipe.md, "OELM"; SwiGLU FFN as in llama3: three d x h matrices where a GPT
+FFN has two, so FFN parameters are 1.5x a GPT's at the same hidden width h):
 - debugmodel: torchtitan's llama3 debug shape (6 layers, dim 256, 16 heads, vocab 2048).
-- medium512: seed 001's Medium-512, 6 layers, dim 512, 8 heads, FFN hidden 2048,
-  vocab 50257 (GPT-2); set `model.vocab_size = 2048` with the builtin tokenizer.
-- small / base / large: seed 000's 6/12/24 layers, 512/768/1024 wide, 8/12/16 heads,
-  FFN hidden 2048/3072/4096, vocab 32000.
+- medium512: the GPT / OELM comparison's Medium-512, 6 layers, dim 512, 8 heads, FFN
+  hidden 2048, vocab 50257 (GPT-2); set `model.vocab_size = 2048` with the builtin tokenizer.
+- small / base / large: the orthogonal random attention sizes, 6/12/24 layers,
+  512/768/1024 wide, 8/12/16 heads, FFN hidden 2048/3072/4096, vocab 32000.
 Hidden widths: llama3 takes int(2 * 4d / 3), times ffn_dim_multiplier 1.5, rounded up
 to multiple_of 256, which gives exactly 4d for these widths.
 """

@@ -1,4 +1,4 @@
-"""The parameter report: total / trainable / frozen, by component (the form of seed 001 §1.4).
+"""The parameter report: total / trainable / frozen, by component (docs/recipe.md, "OELM").
 
 `parameter_report(model)` counts from the model itself (DTensors with their global
 size, so it is the same before and after FSDP/TP); `write_parameter_report` puts it
