@@ -18,8 +18,8 @@ class OELMModelArgs(MixedModelArgs):
     """llama3 (optionally hybrid) whose chosen attention projections are frozen orthogonal.
 
     Args:
-        oelm_freeze: "qk" (seed 001: W_q, W_k fixed), "kv" (seed 000: W_k, W_v fixed,
-            W_q learned) or "none" (the GPT baseline). Default "qk".
+        oelm_freeze: "qk" (W_q, W_k fixed), "kv" (W_k, W_v fixed, W_q learned) or "none"
+            (the GPT baseline); docs/recipe.md, "OELM". Default "qk".
         freeze_ratio: fraction of layers whose projections are frozen; round(ratio * n_layers)
             layers spread uniformly through the depth by the same rule as the linear layers
             (see models/mixed/placement.py). Default 1.0 (every layer).

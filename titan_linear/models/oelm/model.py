@@ -1,7 +1,7 @@
 """OELMTransformer: llama3 (optionally hybrid) with frozen random orthogonal attention projections.
 
-OELM (seed 001) fixes W_q and W_k; the orthogonal random attention of seed 000 fixes
-W_k and W_v and learns W_q. Which projections, and in which layers, is in the model
+OELM's "qk" variant fixes W_q and W_k; its "kv" variant (orthogonal random attention) fixes
+W_k and W_v and learns W_q (docs/recipe.md, "OELM"). Which projections, and in which layers, is in the model
 args (`frozen_projections`, `frozen_layers`). The frozen weights are:
 - `requires_grad=False` from `__init__` on, so FSDP2 keeps no gradient for them (and
   reduce-scatters none), the optimizer built after parallelize never sees them, and
