@@ -20,10 +20,9 @@
 #   RDZV_CONF    more torchrun rendezvous settings, key=value,... (e.g. join_timeout=1200,read_timeout=120)
 #   PYTHON       interpreter to use (default python3)
 set -euo pipefail
-cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python3}
-CONFIG=train_configs/debug_model.toml
+CONFIG=
 if [[ $# -ge 1 && $1 == "--config" ]]; then
   [[ $# -ge 2 ]] || { echo "run_train.sh: --config needs a file" >&2; exit 2; }
   CONFIG=$2
@@ -32,17 +31,21 @@ elif [[ $# -ge 1 && $1 == --config=* ]]; then
   CONFIG=${1#--config=}
   shift
 fi
+# A relative --config is the caller's; the run itself works from the repository, so that
+# the shipped configs' dump folders (./outputs/...) land there.
+if [[ -n $CONFIG && $CONFIG != /* && -e $CONFIG ]]; then
+  CONFIG="$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")"
+fi
+cd "$(dirname "$0")"
+CONFIG=${CONFIG:-train_configs/debug_model.toml}
 
 if [[ -z ${NGPU:-} ]]; then
   NGPU=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)' 2>/dev/null || echo 1)
 fi
 LOG_RANK=${LOG_RANK:-0}
-NNODES=${NNODES:-1}
+export NNODES=${NNODES:-1}
 
 ARGS=(--job.config_file "$CONFIG" "$@")
-
-# Validate the whole config once, before any process starts or anything is written.
-"$PYTHON" -m titan_linear.launch check "${ARGS[@]}"
 
 if [[ $NNODES -gt 1 ]]; then
   : "${MASTER_ADDR:?set MASTER_ADDR for a multi-node run}" "${MASTER_PORT:?set MASTER_PORT for a multi-node run}"
@@ -60,6 +63,8 @@ else
 fi
 
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$NGPU" "${RDZV[@]}" \
-  --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
-  -m titan_linear.launch train "${ARGS[@]}"
+# `launch run` checks the whole config, data and resume point before any process starts
+# or anything is written (one line and exit 2 on a problem), locks the dump folder, then
+# runs torchrun with one `python -m titan_linear.train` per rank.
+exec "$PYTHON" -m titan_linear.launch run --nproc_per_node "$NGPU" "${RDZV[@]}" \
+  --local-ranks-filter "$LOG_RANK" --role rank --tee 3 -- "${ARGS[@]}"

@@ -17,7 +17,7 @@ DEBUG = os.path.join(ROOT, "train_configs", "debug_model.toml")
 
 
 def _argv(config, *extra):
-    return launch._with_config_module(["--job.config_file", config, *extra])
+    return launch.with_config_module(["--job.config_file", config, *extra])
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=os.path.basename)

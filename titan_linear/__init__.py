@@ -7,9 +7,10 @@ the CPU when no accelerator exists and registers the train specs:
 - "llama3_oelm": the same with frozen orthogonal attention projections (OELMTransformer).
 """
 
-from titan_linear.infra.device import use_cpu_if_no_accelerator
+from titan_linear.infra.device import quiet_builtin_tokenizer_warning, use_cpu_if_no_accelerator
 
 use_cpu_if_no_accelerator()
+quiet_builtin_tokenizer_warning()
 
 from torchtitan.protocols.train_spec import _extra_train_specs, register_train_spec  # noqa: E402
 

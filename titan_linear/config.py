@@ -37,46 +37,51 @@ class Model:
     vocab_size: int = 0
     """Override the flavor's vocabulary size (0 keeps the flavor's)."""
 
-    oelm_freeze: str = "qk"
-    """llama3_oelm only. Which attention projections are fixed random orthogonal matrices:
-    qk (W_q, W_k frozen; seed 001), kv (W_k, W_v frozen, W_q learned; seed 000), none."""
+    oelm_freeze: str | None = None
+    """llama3_oelm only (other models refuse it). Which attention projections are fixed random
+    orthogonal matrices: qk (W_q, W_k frozen; the default), kv (W_k, W_v frozen, W_q learned), none."""
 
-    freeze_ratio: float = 1.0
-    """llama3_oelm only. Fraction of layers, in [0, 1], whose `oelm_freeze` projections are
-    frozen: round(ratio * n_layers) layers, spread uniformly (the linear-layer placement rule)."""
+    freeze_ratio: float | None = None
+    """llama3_oelm only (other models refuse it). Fraction of layers, in [0, 1], whose `oelm_freeze`
+    projections are frozen: round(ratio * n_layers) layers, spread uniformly (the placement rule of
+    docs/placement.md). Default 1.0."""
 
 
 @dataclass
 class Optimizer:
     no_decay_bias_and_norm: bool = True
-    """llama3_oelm only. Put biases and norm weights in a parameter group with weight decay 0."""
+    """Put biases and norm weights in a parameter group with weight decay 0 (every model)."""
 
 
 @dataclass
 class LRScheduler:
     schedule: str = "torchtitan"
-    """llama3_oelm only. torchtitan (warmup/stable/decay of torchtitan), cosine (warmup then cosine
-    to min_lr_ratio), cosine_restarts (warmup then cosine cycles of restart_interval steps),
-    polynomial (warmup then (1 - progress)^power down to min_lr_ratio)."""
+    """torchtitan (TorchTitan's warmup-stable-decay: decay_type, decay_ratio, min_lr_factor),
+    cosine_restarts (warmup then cosine cycles of restart_interval steps down to min_lr_factor),
+    polynomial (warmup then (1 - progress)^power down to min_lr_factor). 'cosine' is a
+    deprecated spelling of decay_type = 'cosine'."""
 
-    min_lr_ratio: float = 0.0
-    """Floor of the cosine / cosine_restarts / polynomial schedules, as a fraction of optimizer.lr."""
+    min_lr_ratio: float | None = None
+    """Deprecated: TorchTitan's lr_scheduler.min_lr_factor, the floor of every schedule."""
 
-    restart_interval: int = 0
-    """cosine_restarts: steps per cosine cycle after warmup (0: one cycle over the whole run)."""
+    restart_interval: int | None = None
+    """cosine_restarts only: steps per cosine cycle after warmup (0: one cycle over the whole run)."""
 
-    power: float = 1.0
-    """polynomial: the exponent of (1 - progress)."""
+    power: float | None = None
+    """polynomial only: the exponent of (1 - progress). Default 1."""
 
 
 @dataclass
 class Monitor:
     grad_norm_warn: float = 100.0
-    """llama3_oelm only. Log a warning when the (pre-clip) gradient norm of a logged step exceeds this."""
+    """Log a warning when the (pre-clip) gradient norm of a logged step exceeds this (every model)."""
 
-    stop_on_nonfinite_loss: bool = True
-    """llama3_oelm only. Stop the run with an error as soon as a NaN/Inf loss appears, before the
-    optimizer step, so no checkpoint of the broken state is written."""
+    stop_on_nonfinite: bool = True
+    """Stop the run, before the optimizer step, as soon as the loss or the gradient norm is NaN or
+    Inf; no checkpoint of non-finite weights is ever written (every model)."""
+
+    stop_on_nonfinite_loss: bool | None = None
+    """Deprecated spelling of stop_on_nonfinite."""
 
 
 @dataclass

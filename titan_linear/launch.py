@@ -1,41 +1,54 @@
-"""Command-line entry points: `python -m titan_linear.launch {check,train} [torchtitan args]`.
+"""Command-line entry points before any rank starts.
 
-`check` parses the job config exactly as training will, builds the model
-arguments of the chosen flavor and validates every titan_linear key, then prints
-the layer map. It runs before torchrun starts any process (run_train.sh), so a
-bad value stops the run with one line and a non-zero exit before anything is
-written. `train` runs the same check in every rank, then TorchTitan's own
-training loop.
+    python -m titan_linear.launch check [torchtitan args]
+    python -m titan_linear.launch run [torchrun args] -- [torchtitan args]
+
+`check` parses the job config exactly as training will, builds the model arguments
+of the chosen flavor (every titan_linear key and the recipe validated there), then
+checks what would otherwise fail only inside a rank: the tokenizer and its vocab,
+the training and validation data, the checkpoint a run would resume from (intact,
+same layer maps) and the dump folder's lock. A problem stops it with one line
+naming the key, the value and what is allowed, exit status 2, nothing written.
+
+`run` (what run_train.sh calls) does `check`, takes the dump folder's lock (a second
+run on the same folder is refused while this one lives), then runs torchrun in this
+process with one `python -m titan_linear.train` per rank. A failed rank is reported
+in one line (its own message) with exit status 1. Interrupting or killing the
+launcher ends its ranks: torchrun stops them on SIGINT/SIGTERM, and each rank dies
+with its parent otherwise (titan_linear/train.py).
 """
 
 import copy
+import fcntl
+import logging
+import os
+import socket
 import sys
 
 CONFIG_MODULE = "titan_linear.config"
 _CONFIG_FILE_FLAGS = ("--job.config_file", "--job.config-file")
 _CUSTOM_FLAGS = ("--job.custom_config_module", "--job.custom-config-module")
+LOCK_FILE = ".titan_linear.lock"
 
 
-def _with_config_module(argv: list[str]) -> list[str]:
+def with_config_module(argv: list[str]) -> list[str]:
     """Add `--job.custom_config_module titan_linear.config` unless the CLI or the TOML names one."""
     if any(a.split("=")[0] in _CUSTOM_FLAGS for a in argv):
         return argv
     import tomllib
 
-    for i, a in enumerate(argv):
-        key, _, value = a.partition("=")
-        if key in _CONFIG_FILE_FLAGS:
-            path = value or (argv[i + 1] if i + 1 < len(argv) else "")
-            try:
-                with open(path, "rb") as f:
-                    if tomllib.load(f).get("job", {}).get("custom_config_module"):
-                        return argv
-            except (OSError, tomllib.TOMLDecodeError):
-                pass  # torchtitan reports it when it parses the file
+    path = config_file(argv)
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                if tomllib.load(f).get("job", {}).get("custom_config_module"):
+                    return argv
+        except (OSError, tomllib.TOMLDecodeError):
+            pass  # check() reports it
     return [*argv, "--job.custom_config_module", CONFIG_MODULE]
 
 
-def _config_file(argv: list[str]) -> str | None:
+def config_file(argv: list[str]) -> str | None:
     for i, a in enumerate(argv):
         key, _, value = a.partition("=")
         if key in _CONFIG_FILE_FLAGS:
@@ -45,10 +58,9 @@ def _config_file(argv: list[str]) -> str | None:
 
 def check(argv: list[str]):
     """Parse and validate the job config; return (job_config, model_args). Raises ValueError."""
-    import os
     import tomllib
 
-    path = _config_file(argv)
+    path = config_file(argv)
     if path is not None:
         if not os.path.isfile(path):
             raise ValueError(f"--job.config_file = {path!r} is not allowed: no such file")
@@ -80,24 +92,163 @@ def check(argv: list[str]):
     return job_config, model_args
 
 
-def _one_line(e: BaseException) -> str:
+def preflight(job_config, model_args) -> list[str]:
+    """What can be checked before ranks start (tokenizer, data, resume, lock); returns notes.
+
+    Raises ValueError naming the key and the value.
+    """
+    from titan_linear.checkpoint import checkpoint_folder, read_tensors, resume_step
+    from titan_linear.data.preflight import check_data
+    from titan_linear.data.tokenizer import BUILTIN, resolve_hf_assets_path
+    from titan_linear.models.maps import check_maps
+
+    from tokenizers import Tokenizer
+
+    check_lock_free(job_config.job.dump_folder)
+    hf = job_config.model.hf_assets_path
+    directory = resolve_hf_assets_path(hf)
+    vocab = _tokenizer_vocab(directory, Tokenizer)
+    if vocab is not None and vocab > model_args.vocab_size:
+        raise ValueError(
+            f"model.vocab_size = {model_args.vocab_size} is not allowed: at least the {vocab} ids of "
+            f"the tokenizer of model.hf_assets_path = {hf or BUILTIN!r}"
+        )
+    check_data(job_config, vocab or model_args.vocab_size)
+    step, notes = resume_step(job_config)
+    if step is not None:
+        path = os.path.join(checkpoint_folder(job_config), f"step-{step}")
+        own = model_args.checkpoint_maps()
+        try:
+            check_maps(read_tensors(path, list(own)), own)
+        except ValueError as e:
+            raise ValueError(f"{e} (resuming from {path})") from None
+        notes.append(f"titan_linear: resuming from {path}")
+    return notes
+
+
+def _tokenizer_vocab(directory: str, tokenizer_cls) -> int | None:
+    file = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(file):
+        return None
+    return tokenizer_cls.from_file(file).get_vocab_size()
+
+
+def _lock_path(dump_folder: str) -> str:
+    return os.path.join(dump_folder, LOCK_FILE)
+
+
+def check_lock_free(dump_folder: str) -> None:
+    """Raise ValueError when a live run holds `dump_folder`."""
+    path = _lock_path(dump_folder)
+    if not os.path.isfile(path):
+        return
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise ValueError(
+                f"job.dump_folder = {dump_folder!r} is not allowed: a live run holds it ({holder}); "
+                "wait for it or stop it, or choose another dump_folder"
+            ) from None
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def take_lock(dump_folder: str):
+    """Hold `dump_folder`'s lock for this process's life; returns the open file (keep it)."""
+    check_lock_free(dump_folder)
+    os.makedirs(dump_folder, exist_ok=True)
+    f = open(_lock_path(dump_folder), "a+")  # not inherited by the ranks (close-on-exec)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        check_lock_free(dump_folder)  # lost a race: report the holder
+        raise
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def _error(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    return f"titan_linear: error: {text[0] if text else type(e).__name__}"
+
+
+def _checked(argv: list[str]):
+    """(job_config, model_args, notes) or an exit status after printing the one-line error."""
+    try:
+        job_config, model_args = check(argv)
+        notes = preflight(job_config, model_args)
+    except (ValueError, KeyError, TypeError) as e:
+        print(_error(e), file=sys.stderr)
+        return 2
+    except SystemExit as e:  # tyro prints its own message on a bad CLI flag
+        return int(e.code or 2)
+    for note in notes:
+        print(note, file=sys.stderr)
+    return job_config, model_args
+
+
+def _run(torchrun_args: list[str], train_args: list[str], job_config) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    lock = None
+    if int(os.environ.get("NNODES", "1")) == 1:
+        # On several nodes the dump folder may be shared storage where locks do not hold.
+        try:
+            lock = take_lock(job_config.job.dump_folder)
+        except ValueError as e:
+            print(_error(e), file=sys.stderr)
+            return 2
+    # torchrun's agent repeats a rank's failure as a traceback block; the rank's own line says it.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args([*torchrun_args, "-m", "titan_linear.train", *train_args]))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        message = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
+        line = (message.strip().splitlines() or [""])[0]
+        if not line.startswith("titan_linear:"):
+            line = f"titan_linear: error: rank {rank} failed (exit code {failure.exitcode}): {line}"
+        print(line, file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if lock is not None:
+            lock.close()
+            try:
+                os.remove(lock.name)
+            except OSError:
+                pass
+    return 0
+
+
+USAGE = ("usage: python -m titan_linear.launch check [torchtitan args]\n"
+         "       python -m titan_linear.launch run [torchrun args] -- [torchtitan args]")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("check", "train"):
-        print("usage: python -m titan_linear.launch {check,train} [torchtitan args]", file=sys.stderr)
+    if not argv or argv[0] not in ("check", "run"):
+        print(USAGE, file=sys.stderr)
         return 2
-    command, rest = argv[0], _with_config_module(argv[1:])
-    try:
-        job_config, model_args = check(rest)
-    except (ValueError, KeyError, TypeError) as e:
-        print(f"titan_linear: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # tyro prints its own message on a bad CLI flag
-        return int(e.code or 2)
+    command, rest = argv[0], argv[1:]
+    torchrun_args = []
+    if command == "run":
+        if "--" not in rest:
+            print(USAGE, file=sys.stderr)
+            return 2
+        i = rest.index("--")
+        torchrun_args, rest = rest[:i], rest[i + 1:]
+    rest = with_config_module(rest)
+    checked = _checked(rest)
+    if isinstance(checked, int):
+        return checked
+    job_config, model_args = checked
     if command == "check":
         layers = getattr(model_args, "linear_layers", [])
         print(
@@ -107,34 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({len(layers)} linear)"
         )
         return 0
-
-    return _train(job_config)
-
-
-def _train(job_config) -> int:
-    """TorchTitan's own Trainer on an already parsed config (what `torchtitan.train.main` does,
-    minus re-parsing sys.argv, whose default torchtitan binds at import time)."""
-    import os
-
-    import torch
-    from torchtitan.tools.logging import init_logger
-    from torchtitan.train import Trainer
-
-    init_logger()
-    trainer = None
-    try:
-        trainer = Trainer(job_config)
-        if job_config.checkpoint.create_seed_checkpoint:
-            assert int(os.environ["WORLD_SIZE"]) == 1, "create a seed checkpoint on one process"
-            trainer.checkpointer.save(curr_step=0, last_step=True)
-        else:
-            trainer.train()
-    finally:
-        if trainer is not None:
-            trainer.close()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return 0
+    return _run(torchrun_args, rest, job_config)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def paragraphs(text: str) -> list[str]:
     return [p.strip("\n") for p in text.split("\n\n") if p.strip()]
 
 
-def _existing_file(dataset: str, path: str | None, extensions: tuple[str, ...]) -> list[str]:
+def existing_files(dataset: str, path: str | None, extensions: tuple[str, ...]) -> list[str]:
     """The files that `path` (one file or a directory) names, or a DataConfigError."""
     allowed = f"dataset '{dataset}' reads a {' / '.join(extensions)} file or a directory of them"
     if not path:
@@ -135,19 +135,19 @@ def _bad_source(dataset: str, path: str, reason: str) -> DataConfigError:
 
 
 def _load_tinyshakespeare(path: str, part: int, dataset: str) -> Dataset:
-    (file,) = _existing_file(dataset, path, (".txt",))
+    (file,) = existing_files(dataset, path, (".txt",))
     with open(file, encoding="utf-8") as f:
         text = split_tinyshakespeare(f.read())[part]
     return Dataset.from_dict({"text": paragraphs(text)})
 
 
 def _load_text(path: str) -> Dataset:
-    files = _existing_file("text", path, (".txt",))
+    files = existing_files("text", path, (".txt",))
     return load_dataset("text", data_files=files, split="train", sample_by="paragraph")
 
 
 def _load_jsonl(path: str) -> Dataset:
-    files = _existing_file("jsonl", path, (".jsonl", ".json"))
+    files = existing_files("jsonl", path, (".jsonl", ".json"))
     try:
         ds = load_dataset("json", data_files=files, split="train")
     except Exception as e:
@@ -162,10 +162,8 @@ def _load_jsonl(path: str) -> Dataset:
     return ds
 
 
-def _load_hub(
-    path: str | None, dataset: str, split: str, name: str | None = None
-) -> IterableDataset:
-    """Stream `split` of hub dataset `path` (or of its local copy at `path`)."""
+def check_hub_source(path: str | None, dataset: str) -> None:
+    """Raise DataConfigError unless `path` is a local copy or a hub id and the hub answers."""
     if not path:
         reason = f"dataset '{dataset}' needs a hub dataset id such as 'org/name'"
         raise DataConfigError("dataset_path", path, reason)
@@ -180,6 +178,13 @@ def _load_hub(
                 f"{OFFLINE_DATASETS}, or dataset_path = a local copy of the dataset"
             )
             raise _bad_source(dataset, path, reason)
+
+
+def _load_hub(
+    path: str | None, dataset: str, split: str, name: str | None = None
+) -> IterableDataset:
+    """Stream `split` of hub dataset `path` (or of its local copy at `path`)."""
+    check_hub_source(path, dataset)
     try:
         ds = load_dataset(path, name=name, split=split, streaming=True)
     except Exception as e:

@@ -28,9 +28,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from titan_linear.data.sources import DataConfigError
 
 TOKEN_FILE_EXTENSIONS = (".bin", ".npy")
-# Ids checked against the vocab size when the file is opened (a cheap guard
-# against a uint32 file read as uint16, or a file made by another tokenizer).
-_IDS_CHECKED = 1 << 20
+# Ids per block of the range scan: large enough for numpy's speed, small enough for memory.
+_SCAN_BLOCK = 1 << 24
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -38,8 +37,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
+def id_range(ids: np.ndarray) -> tuple[int, int]:
+    """(min, max) over every id of the file, scanned block by block through the memory map."""
+    lo, hi = 0, -1
+    for start in range(0, ids.size, _SCAN_BLOCK):
+        block = np.asarray(ids[start : start + _SCAN_BLOCK])
+        b_lo, b_hi = int(block.min()), int(block.max())
+        lo, hi = (b_lo, b_hi) if start == 0 else (min(lo, b_lo), max(hi, b_hi))
+    return lo, hi
+
+
 def open_token_file(path: str | None, vocab_size: int) -> np.ndarray:
-    """A read-only 1-D memory map of the ids in `path` (.bin or .npy).
+    """A read-only 1-D memory map of the ids in `path` (.bin or .npy), every id checked
+    against the vocab (a file of another tokenizer or dtype fails here, not mid-run).
 
     Args:
         path: the token file.
@@ -67,11 +77,10 @@ def open_token_file(path: str | None, vocab_size: int) -> np.ndarray:
         ids = np.memmap(path, dtype=dtype, mode="r")
     else:
         raise DataConfigError("dataset_path", path, f"wrong file extension; {allowed}")
-    head = ids[:_IDS_CHECKED]
-    if head.size and (int(head.max()) >= vocab_size or int(head.min()) < 0):
+    lo, hi = id_range(ids)
+    if ids.size and (hi >= vocab_size or lo < 0):
         reason = (
-            f"holds ids outside [0, {vocab_size}), the tokenizer's vocab "
-            f"(ids {int(head.min())}..{int(head.max())} in the first {head.size}); "
+            f"holds ids outside [0, {vocab_size}), the tokenizer's vocab (ids {lo}..{hi}); "
             f"was it written with another tokenizer or dtype ({ids.dtype})?"
         )
         raise DataConfigError("dataset_path", path, reason)
@@ -122,8 +131,10 @@ class TokenFileDataset(IterableDataset, Stateful):
         return torch.from_numpy(ids[start : start + self.seq_len + 1].astype(np.int64))
 
     def __iter__(self):
-        # Opened here, not kept from __init__, so that workers never pickle the map.
-        ids = open_token_file(self.path, self.vocab_size)
+        # Opened here, not kept from __init__, so that workers never pickle the map
+        # (the ids were range-checked in __init__).
+        ids = np.load(self.path, mmap_mode="r") if self.path.endswith(".npy") else np.memmap(
+            self.path, dtype=token_dtype(self.vocab_size), mode="r")
         worker = get_worker_info()
         n_workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
         while True:

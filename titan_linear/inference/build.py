@@ -24,9 +24,9 @@ def parse_job_config(config_file: str, overrides: list[str] | None = None):
 
     Raises ValueError naming the key for a missing file, a bad TOML or a bad setting.
     """
-    from titan_linear.launch import _with_config_module, check
+    from titan_linear.launch import with_config_module, check
 
-    return check(_with_config_module(["--job.config_file", config_file, *(overrides or [])]))
+    return check(with_config_module(["--job.config_file", config_file, *(overrides or [])]))
 
 
 def train_spec(job_config):

@@ -10,7 +10,9 @@ and at `CpuDeviceModule`, which answers the calls TorchTitan makes of
 Trainer reads `utils.device_type`.
 """
 
+import logging
 import os
+import warnings
 import platform
 import resource
 import sys
@@ -85,6 +87,11 @@ def use_cpu_if_no_accelerator() -> bool:
     import torchtitan.distributed.utils  # noqa: F401
     import torchtitan.tools.profiling  # noqa: F401
 
+    # MFU has no meaning on a CPU: a peak of inf logs it as 0 % without torchtitan running
+    # `lspci` and warning that it falls back to an A100's peak.
+    tt_utils.get_peak_flops = lambda device_name: float("inf")
+    # fp32 training on a CPU asks torch for an fp32 autocast, which it skips with a warning per step.
+    warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
     shim = CpuDeviceModule()
     for name, mod in list(sys.modules.items()):
         if not name.startswith("torchtitan") or mod is None:
@@ -100,3 +107,19 @@ def is_cpu_run() -> bool:
     import torchtitan.tools.utils as tt_utils
 
     return tt_utils.device_type == "cpu"
+
+
+class _DropBuiltinTokenizerWarning(logging.Filter):
+    """Drops TorchTitan's "HF assets path builtin does not exist!": "builtin" (or "") names the
+    tokenizer packaged with titan_linear (data/tokenizer.py), not a path."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return msg not in ("HF assets path builtin does not exist!", "HF assets path  does not exist!")
+
+
+def quiet_builtin_tokenizer_warning() -> None:
+    """Install the filter on the root logger, which TorchTitan logs through."""
+    root = logging.getLogger()
+    if not any(isinstance(f, _DropBuiltinTokenizerWarning) for f in root.filters):
+        root.addFilter(_DropBuiltinTokenizerWarning())

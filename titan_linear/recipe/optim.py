@@ -45,18 +45,42 @@ class GroupedOptimizersContainer(OptimizersContainer):
         self._post_init(all_params, optimizer_kwargs)
 
 
+_CLASSES = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
+
+
+def check_optimizer_config(job_config) -> None:
+    """Raise ValueError when `optimizer.no_decay_bias_and_norm` cannot be honoured.
+
+    The groups need the plain container: TorchTitan's early_step_in_backward and TorchFT
+    build their own, which would drop the groups silently.
+    """
+    cfg = job_config.optimizer
+    if not cfg.no_decay_bias_and_norm:
+        return
+    for key, on in (("optimizer.early_step_in_backward", cfg.early_step_in_backward),
+                    ("fault_tolerance.enable", job_config.fault_tolerance.enable)):
+        if on:
+            raise ValueError(
+                f"optimizer.no_decay_bias_and_norm = True is not allowed with {key} = True "
+                "(it builds its own optimizers without groups): set it to false"
+            )
+    if cfg.name not in _CLASSES:
+        raise ValueError(
+            f"optimizer.name = {cfg.name!r} is not allowed with optimizer.no_decay_bias_and_norm = True: "
+            f"one of {', '.join(_CLASSES)} (or set no_decay_bias_and_norm = false)"
+        )
+
+
 def build_grouped_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager=None) -> OptimizersContainer:
     """TorchTitan's build_optimizers, with decay/no-decay groups when
-    `optimizer.no_decay_bias_and_norm` (default true) and the plain container path applies."""
-    grouped = getattr(optimizer_config, "no_decay_bias_and_norm", True)
-    special = optimizer_config.early_step_in_backward or (ft_manager is not None and ft_manager.enabled)
-    if not grouped or special:
-        if grouped:
-            logger.warning("optimizer.no_decay_bias_and_norm is ignored with early_step_in_backward or TorchFT")
+    `optimizer.no_decay_bias_and_norm` (default true)."""
+    if not optimizer_config.no_decay_bias_and_norm:
         return build_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
-    classes = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
-    if optimizer_config.name not in classes:
-        raise ValueError(f"optimizer.name = {optimizer_config.name!r} is not allowed: one of Adam, AdamW")
+    if optimizer_config.name not in _CLASSES:
+        raise ValueError(
+            f"optimizer.name = {optimizer_config.name!r} is not allowed with optimizer.no_decay_bias_and_norm "
+            f"= True: one of {', '.join(_CLASSES)} (or set no_decay_bias_and_norm = false)"
+        )
     impl = optimizer_config.implementation
     kwargs = {
         "lr": optimizer_config.lr,
@@ -66,7 +90,7 @@ def build_grouped_optimizers(model_parts, optimizer_config, parallel_dims, ft_ma
         "fused": impl == "fused",
         "foreach": impl == "foreach",
     }
-    return GroupedOptimizersContainer(model_parts, classes[optimizer_config.name], kwargs)
+    return GroupedOptimizersContainer(model_parts, _CLASSES[optimizer_config.name], kwargs)
 
 
 def optimizer_state_params(optimizer: Optimizer) -> set[int]:

@@ -1,22 +1,36 @@
-"""LR schedules of seed 000 §3 as multiplicative factors of optimizer.lr, on TorchTitan's container.
+"""LR schedules that TorchTitan lacks, as multiplicative factors of optimizer.lr on its container.
 
-Step s counts scheduler steps from 0 (the first training step uses s = 0), W is
-`lr_scheduler.warmup_steps`, T is `lr_scheduler.total_steps` (else training.steps),
-m is `lr_scheduler.min_lr_ratio`:
-- warmup (s < W), every schedule: (s + 1) / W, as TorchTitan's;
-- cosine:           m + (1 - m) * 0.5 * (1 + cos(pi * p)),  p = min(1, (s - W) / (T - W));
+`[lr_scheduler] schedule` picks the curve; every schedule uses TorchTitan's own
+`warmup_steps`, `total_steps` (else training.steps) and floor `min_lr_factor`:
+- `torchtitan` (default): TorchTitan's warmup-stable-decay, whose `decay_type`
+  (linear, sqrt, cosine) and `decay_ratio` give the plain cosine and WSD curves;
+- `cosine_restarts`: warmup, then cosine cycles of `restart_interval` steps;
+- `polynomial`: warmup, then (1 - progress) ** `power` down to the floor.
+
+Step s counts scheduler steps from 0 (the first training step uses s = 0), W is the
+warmup, T the total, m the floor:
+- warmup (s < W): (s + 1) / W, as TorchTitan's;
 - cosine_restarts:  m + (1 - m) * 0.5 * (1 + cos(pi * c)),  c = ((s - W) mod R) / R,
                     R = `restart_interval` (0: T - W, one cycle);
-- polynomial:       m + (1 - m) * (1 - p) ** power.
-`schedule = "torchtitan"` (the default) keeps TorchTitan's own warmup-stable-decay.
+- polynomial:       m + (1 - m) * (1 - p) ** power,  p = min(1, (s - W) / (T - W)).
+
+Deprecated spellings still read, each with one warning line at start-up:
+`schedule = "cosine"` is TorchTitan's `decay_type = "cosine"` (the same curve, its
+progress counted one step later), and `min_lr_ratio` is `min_lr_factor`.
 """
 
 import functools
 import math
 
 from torchtitan.components.lr_scheduler import build_lr_schedulers, LRSchedulersContainer
+from torchtitan.tools.logging import logger
 
-SCHEDULES = ("torchtitan", "cosine", "cosine_restarts", "polynomial")
+SCHEDULES = ("torchtitan", "cosine_restarts", "polynomial")
+DEPRECATED_SCHEDULES = ("cosine",)
+
+
+def _bad(key: str, value, allowed: str) -> ValueError:
+    return ValueError(f"{key} = {value!r} is not allowed: {allowed}")
 
 
 def schedule_factor(step: int, *, schedule: str, warmup: int, total: int, min_ratio: float,
@@ -29,41 +43,81 @@ def schedule_factor(step: int, *, schedule: str, warmup: int, total: int, min_ra
         period = restart_interval or span
         c = ((step - warmup) % period) / period
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * c))
-    p = min(1.0, (step - warmup) / span)
-    if schedule == "cosine":
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
     if schedule == "polynomial":
+        p = min(1.0, (step - warmup) / span)
         return min_ratio + (1 - min_ratio) * (1 - p) ** power
-    raise ValueError(f"lr_scheduler.schedule = {schedule!r} is not allowed: one of {', '.join(SCHEDULES)}")
+    raise _bad("lr_scheduler.schedule", schedule, f"one of {', '.join(SCHEDULES)}")
 
 
-def check_schedule_config(cfg, training_steps: int) -> None:
-    """Raise ValueError naming the key on a bad [lr_scheduler] extension value."""
-    schedule = getattr(cfg, "schedule", "torchtitan")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"lr_scheduler.schedule = {schedule!r} is not allowed: one of {', '.join(SCHEDULES)}")
-    m = getattr(cfg, "min_lr_ratio", 0.0)
-    if not 0.0 <= m <= 1.0:
-        raise ValueError(f"lr_scheduler.min_lr_ratio = {m!r} is not allowed: a number in [0, 1]")
-    r = getattr(cfg, "restart_interval", 0)
-    if r < 0:
-        raise ValueError(f"lr_scheduler.restart_interval = {r!r} is not allowed: steps >= 0 (0: one cycle)")
-    pw = getattr(cfg, "power", 1.0)
-    if not pw > 0:
-        raise ValueError(f"lr_scheduler.power = {pw!r} is not allowed: a number > 0")
+def check_schedule_config(cfg) -> list[str]:
+    """Check the [lr_scheduler] keys; apply the deprecated spellings; return deprecation lines.
+
+    Raises ValueError naming the key for a bad value, or for a key that the chosen
+    schedule would not use (never silently ignored).
+    """
+    notes = []
+    schedule = cfg.schedule
+    if schedule not in SCHEDULES + DEPRECATED_SCHEDULES:
+        raise _bad("lr_scheduler.schedule", schedule, f"one of {', '.join(SCHEDULES)}")
+    if cfg.min_lr_ratio is not None:
+        notes.append(
+            f"titan_linear: lr_scheduler.min_lr_ratio is deprecated: use TorchTitan's "
+            f"lr_scheduler.min_lr_factor (set to {cfg.min_lr_ratio!r} for this run)"
+        )
+        cfg.min_lr_factor, cfg.min_lr_ratio = cfg.min_lr_ratio, None
+    if schedule == "cosine":
+        if cfg.decay_type not in ("linear", "cosine"):
+            raise _bad("lr_scheduler.decay_type", cfg.decay_type,
+                       "unset with the deprecated lr_scheduler.schedule = 'cosine', which sets it to 'cosine'")
+        notes.append(
+            "titan_linear: lr_scheduler.schedule = 'cosine' is deprecated: use TorchTitan's "
+            "lr_scheduler.decay_type = 'cosine' with min_lr_factor (used for this run)"
+        )
+        cfg.schedule, cfg.decay_type = "torchtitan", "cosine"
+        schedule = "torchtitan"
+    m = cfg.min_lr_factor
+    if not isinstance(m, (int, float)) or not 0.0 <= m <= 1.0:
+        raise _bad("lr_scheduler.min_lr_factor", m, "a number in [0, 1]")
+    if cfg.warmup_steps < 0:
+        raise _bad("lr_scheduler.warmup_steps", cfg.warmup_steps, "an integer >= 0")
+    if cfg.restart_interval is not None:
+        if schedule != "cosine_restarts":
+            raise _bad("lr_scheduler.restart_interval", cfg.restart_interval,
+                       f"unset unless lr_scheduler.schedule = 'cosine_restarts' (it is {schedule!r})")
+        if cfg.restart_interval < 0:
+            raise _bad("lr_scheduler.restart_interval", cfg.restart_interval, "steps >= 0 (0: one cycle)")
+    if cfg.power is not None:
+        if schedule != "polynomial":
+            raise _bad("lr_scheduler.power", cfg.power,
+                       f"unset unless lr_scheduler.schedule = 'polynomial' (it is {schedule!r})")
+        if not cfg.power > 0:
+            raise _bad("lr_scheduler.power", cfg.power, "a number > 0")
+    if schedule != "torchtitan":
+        # TorchTitan's own decay keys shape only its own schedule.
+        if cfg.decay_ratio is not None:
+            raise _bad("lr_scheduler.decay_ratio", cfg.decay_ratio,
+                       f"unset with lr_scheduler.schedule = {schedule!r} (it shapes only 'torchtitan')")
+        if cfg.decay_type != "linear":
+            raise _bad("lr_scheduler.decay_type", cfg.decay_type,
+                       f"unset with lr_scheduler.schedule = {schedule!r} (it shapes only 'torchtitan')")
+    return notes
 
 
 def build_recipe_lr_schedulers(optimizers, lr_scheduler_config, training_steps: int) -> LRSchedulersContainer:
-    """TorchTitan's build_lr_schedulers, or one of the recipe schedules (LambdaLR in the same container)."""
-    check_schedule_config(lr_scheduler_config, training_steps)
-    schedule = getattr(lr_scheduler_config, "schedule", "torchtitan")
-    if schedule == "torchtitan":
-        return build_lr_schedulers(optimizers, lr_scheduler_config, training_steps)
-    total = lr_scheduler_config.total_steps or training_steps
-    warmup = min(int(lr_scheduler_config.warmup_steps), total)
+    """TorchTitan's build_lr_schedulers, or one of the schedules above (LambdaLR in the same container)."""
+    for note in check_schedule_config(lr_scheduler_config):
+        logger.warning(note)
+    cfg = lr_scheduler_config
+    total = cfg.total_steps or training_steps
+    if cfg.warmup_steps > total:
+        # TorchTitan would warn and clamp; a short run clamps without the noise.
+        logger.info(f"titan_linear: lr_scheduler.warmup_steps {cfg.warmup_steps} > {total} steps: warmup over all {total}")
+        cfg.warmup_steps = total
+    if cfg.schedule == "torchtitan":
+        return build_lr_schedulers(optimizers, cfg, training_steps)
     factor = functools.partial(
-        schedule_factor, schedule=schedule, warmup=warmup, total=total,
-        min_ratio=lr_scheduler_config.min_lr_ratio,
-        restart_interval=lr_scheduler_config.restart_interval, power=lr_scheduler_config.power,
+        schedule_factor, schedule=cfg.schedule, warmup=int(cfg.warmup_steps), total=total,
+        min_ratio=cfg.min_lr_factor, restart_interval=cfg.restart_interval or 0,
+        power=1.0 if cfg.power is None else cfg.power,
     )
     return LRSchedulersContainer(optimizers, factor)

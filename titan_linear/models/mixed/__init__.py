@@ -2,14 +2,12 @@
 
 from dataclasses import fields
 
-from torchtitan.components.loss import build_cross_entropy_loss
-from torchtitan.components.lr_scheduler import build_lr_schedulers
-from torchtitan.components.optimizer import build_optimizers
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.models.llama3 import llama3_args
 from torchtitan.protocols.train_spec import TrainSpec
 
 from titan_linear.data import build_dataloader, build_tokenizer, build_validator
+from titan_linear.recipe import train_spec_builders
 from titan_linear.infra.parallelize import parallelize_mixed
 
 from .args import ConfigError, MixedModelArgs
@@ -47,12 +45,10 @@ def get_train_spec() -> TrainSpec:
         model_args=mixed_args,
         parallelize_fn=parallelize_mixed,
         pipelining_fn=pipeline_llm,
-        build_optimizers_fn=build_optimizers,
-        build_lr_schedulers_fn=build_lr_schedulers,
         build_dataloader_fn=build_dataloader,
         build_tokenizer_fn=build_tokenizer,
-        build_loss_fn=build_cross_entropy_loss,
         build_validator_fn=build_validator,
+        **train_spec_builders(),
     )
 
 

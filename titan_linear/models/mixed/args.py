@@ -3,10 +3,13 @@
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torchtitan.config import JobConfig
 from torchtitan.models.llama3.model.args import TransformerModelArgs
 from torchtitan.tools.logging import logger
+
+from titan_linear.recipe import check_recipe
 
 from .placement import layer_map_string, linear_layer_ids, PLACEMENTS
 
@@ -29,6 +32,9 @@ def _is_int(x) -> bool:
 
 @dataclass
 class MixedModelArgs(TransformerModelArgs):
+    # [model] keys of other models, refused here when set (never silently ignored).
+    FOREIGN_KEYS = {"oelm_freeze": "llama3_oelm", "freeze_ratio": "llama3_oelm"}
+
     linear_attn_ratio: float = 0.0
     linear_attn_layers: tuple[int, ...] = ()
     linear_attn_placement: str = "uniform"
@@ -51,6 +57,12 @@ class MixedModelArgs(TransformerModelArgs):
     def layer_map(self) -> str:
         return layer_map_string(self.n_layers, self.linear_layers)
 
+    def checkpoint_maps(self) -> dict[str, torch.Tensor]:
+        """The layer maps the model saves with its weights (models/maps.py checks them on load)."""
+        m = torch.zeros(self.n_layers, dtype=torch.int8)
+        m[self.linear_layers] = 1
+        return {"linear_layer_map": m}
+
     def update_from_config(self, job_config: JobConfig, **kwargs) -> None:
         """Apply the [model] keys of the job config; raise ConfigError on bad values.
 
@@ -58,6 +70,13 @@ class MixedModelArgs(TransformerModelArgs):
         the flavor's arguments untouched.
         """
         m = job_config.model
+        for key, owner in self.FOREIGN_KEYS.items():
+            value = getattr(m, key, None)
+            if value is not None:
+                raise _bad(f"model.{key}", value, f"unset for model.name = {m.name!r} (it applies to {owner} only)")
+        # The recipe (optimizer groups, schedules, monitoring) is checked here for every model.
+        for note in check_recipe(job_config):
+            logger.warning(note)
         shape = {}
         for key in ("n_layers", "dim", "n_heads", "n_kv_heads", "vocab_size"):
             value = getattr(m, key, 0)

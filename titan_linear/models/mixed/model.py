@@ -21,6 +21,8 @@ from torchtitan.tools.logging import logger
 
 from titan_linear.ops.efficient_attn import efficient_attention
 
+from titan_linear.models.maps import check_maps
+
 from .args import MixedModelArgs
 
 
@@ -66,9 +68,9 @@ class MixedTransformer(Transformer):
     """llama3 `Transformer` whose layers in `model_args.linear_layers` are linear.
 
     With no linear layers it is stock llama3: same parameters, same initialisation
-    order, same outputs. The layer map is kept as a persistent buffer
-    `linear_layer_map` (1 = linear) so that it is saved with every checkpoint;
-    loading a checkpoint whose map differs raises an error naming both maps.
+    order, same outputs. The maps of `model_args.checkpoint_maps()` (here the layer
+    map `linear_layer_map`, 1 = linear) are persistent buffers, saved with every
+    checkpoint; loading a checkpoint whose maps differ raises an error naming both.
     """
 
     def __init__(self, model_args: MixedModelArgs):
@@ -76,8 +78,10 @@ class MixedTransformer(Transformer):
         self.linear_layers = model_args.linear_layers
         for i in self.linear_layers:
             self.layers[str(i)] = LinearTransformerBlock(i, model_args)
-        self.register_buffer("linear_layer_map", self._layer_map_tensor(), persistent=True)
-        self._register_load_state_dict_pre_hook(self._check_layer_map)
+        # Saved with every checkpoint; a checkpoint with other maps is refused on load.
+        for key, value in model_args.checkpoint_maps().items():
+            self.register_buffer(key, value, persistent=True)
+        self._register_load_state_dict_pre_hook(self._check_maps)
         logger.info(self.describe())
 
     def parameter_counts(self) -> dict[str, int]:
@@ -111,27 +115,12 @@ class MixedTransformer(Transformer):
             f"{len(self.linear_layers)}/{n} linear, layers {self.linear_layers}; parameters: {parts}"
         )
 
-    def _layer_map_tensor(self) -> torch.Tensor:
-        m = torch.zeros(self.model_args.n_layers, dtype=torch.int8)
-        m[self.linear_layers] = 1
-        return m
-
     def init_weights(self, buffer_device: torch.device | None = None):
         super().init_weights(buffer_device=buffer_device)
         device = buffer_device or self.freqs_cis.device
-        self.linear_layer_map = self._layer_map_tensor().to(device)
+        for key, value in self.model_args.checkpoint_maps().items():
+            setattr(self, key, value.to(device))
 
-    def _check_layer_map(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "linear_layer_map"
-        if key not in state_dict:
-            return
-        saved = state_dict[key]
-        saved = saved.full_tensor() if hasattr(saved, "full_tensor") else saved
-        saved_map = "".join("L" if int(x) else "S" for x in saved.cpu().tolist())
-        own_map = self.model_args.layer_map
-        if saved_map != own_map:
-            raise ValueError(
-                f"checkpoint layer map {saved_map} does not match this model's layer map "
-                f"{own_map} (L = linear, S = softmax): resume with the same "
-                "model.linear_attn_ratio / linear_attn_layers / linear_attn_placement"
-            )
+    def _check_maps(self, state_dict, prefix, *args, **kwargs):
+        own = self.model_args.checkpoint_maps()
+        check_maps({k: state_dict[prefix + k] for k in own if prefix + k in state_dict}, own)

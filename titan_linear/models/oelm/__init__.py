@@ -11,16 +11,12 @@ Hidden widths: llama3 takes int(2 * 4d / 3), times ffn_dim_multiplier 1.5, round
 to multiple_of 256, which gives exactly 4d for these widths.
 """
 
-from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.protocols.train_spec import TrainSpec
 
 from titan_linear.data import build_dataloader, build_tokenizer, build_validator
 from titan_linear.models.mixed import mixed_args
-from titan_linear.recipe import (
-    build_checked_loss_fn, build_grouped_optimizers, build_monitored_metrics_processor,
-    build_recipe_lr_schedulers,
-)
+from titan_linear.recipe import train_spec_builders
 
 from .args import FREEZE_MODES, OELMModelArgs
 from .model import OELMTransformer, orthogonal_weight
@@ -58,13 +54,10 @@ def get_train_spec() -> TrainSpec:
         model_args=oelm_args,
         parallelize_fn=parallelize_oelm,
         pipelining_fn=pipeline_llm,
-        build_optimizers_fn=build_grouped_optimizers,
-        build_lr_schedulers_fn=build_recipe_lr_schedulers,
         build_dataloader_fn=build_dataloader,
         build_tokenizer_fn=build_tokenizer,
-        build_loss_fn=build_checked_loss_fn(build_cross_entropy_loss),
         build_validator_fn=build_validator,
-        build_metrics_processor_fn=build_monitored_metrics_processor,
+        **train_spec_builders(),
     )
 
 

@@ -3,14 +3,16 @@
 import math
 from dataclasses import dataclass
 
+import torch
 from torchtitan.config import JobConfig
 
 from titan_linear.models.mixed.args import _bad, _is_number, MixedModelArgs
 from titan_linear.models.mixed.placement import linear_layer_ids
-from titan_linear.recipe.schedules import check_schedule_config
 
 # oelm_freeze -> the attention projections (torchtitan's module names) that are fixed.
 FREEZE_MODES = {"qk": ("wq", "wk"), "kv": ("wk", "wv"), "none": ()}
+# The attention projections, in the column order of the freeze map.
+PROJECTIONS = ("wq", "wk", "wv")
 
 
 @dataclass
@@ -27,6 +29,8 @@ class OELMModelArgs(MixedModelArgs):
             each (layer, projection) draws from its own generator, so the matrices do not
             depend on the parallelism or on the initialisation order.
     """
+
+    FOREIGN_KEYS = {}
 
     oelm_freeze: str = "qk"
     freeze_ratio: float = 1.0
@@ -49,17 +53,23 @@ class OELMModelArgs(MixedModelArgs):
         frozen = set(self.frozen_layers)
         return "".join("F" if i in frozen else "T" for i in range(self.n_layers))
 
+    def checkpoint_maps(self) -> dict[str, torch.Tensor]:
+        """The hybrid's layer map plus `oelm_freeze_map` (n_layers x 3, 1 = frozen wq/wk/wv)."""
+        m = torch.zeros(self.n_layers, len(PROJECTIONS), dtype=torch.int8)
+        for i in self.frozen_layers:
+            for p in self.frozen_projections:
+                m[i, PROJECTIONS.index(p)] = 1
+        return {**super().checkpoint_maps(), "oelm_freeze_map": m}
+
     def update_from_config(self, job_config: JobConfig, **kwargs) -> None:
         """Apply the [model] keys (the hybrid's and the OELM ones); raise ConfigError on bad values."""
         m = job_config.model
-        mode = getattr(m, "oelm_freeze", "qk")
+        mode = "qk" if m.oelm_freeze is None else m.oelm_freeze
         if mode not in FREEZE_MODES:
             raise _bad("model.oelm_freeze", mode, f"one of {', '.join(FREEZE_MODES)}")
-        ratio = getattr(m, "freeze_ratio", 1.0)
+        ratio = 1.0 if m.freeze_ratio is None else m.freeze_ratio
         if not _is_number(ratio) or not math.isfinite(ratio) or not 0.0 <= ratio <= 1.0:
             raise _bad("model.freeze_ratio", ratio, "a number in [0, 1]")
-        # the recipe's [lr_scheduler] keys are checked here too, so `launch check` catches them
-        check_schedule_config(job_config.lr_scheduler, job_config.training.steps)
         super().update_from_config(job_config, **kwargs)
         self.oelm_freeze = mode
         self.freeze_ratio = float(ratio)

@@ -25,9 +25,8 @@ from torchtitan.tools.logging import logger
 
 from titan_linear.models.mixed.model import MixedTransformer
 
-from .args import OELMModelArgs
+from .args import OELMModelArgs, PROJECTIONS
 
-_PROJ = ("wq", "wk", "wv")
 
 
 def orthogonal_weight(shape: tuple[int, int], seed: int) -> torch.Tensor:
@@ -45,8 +44,8 @@ def orthogonal_weight(shape: tuple[int, int], seed: int) -> torch.Tensor:
 class OELMTransformer(MixedTransformer):
     """MixedTransformer whose `frozen_projections` in `frozen_layers` are fixed orthogonal.
 
-    A persistent buffer `oelm_freeze_map` (n_layers x 3, 1 = frozen wq/wk/wv) goes into
-    every checkpoint; loading one whose map differs raises an error naming both.
+    Its args add the map `oelm_freeze_map` (n_layers x 3, 1 = frozen wq/wk/wv) to the
+    checkpoint maps, so loading a checkpoint whose freeze map differs raises an error naming both.
     """
 
     def __init__(self, model_args: OELMModelArgs):
@@ -55,8 +54,6 @@ class OELMTransformer(MixedTransformer):
         self.frozen_projections = model_args.frozen_projections
         for name in self.frozen_param_names():
             self.get_parameter(name).requires_grad_(False)
-        self.register_buffer("oelm_freeze_map", self._freeze_map_tensor(), persistent=True)
-        self._register_load_state_dict_pre_hook(self._check_freeze_map)
         logger.info(
             f"titan_linear OELM freeze map {model_args.freeze_map} (F = {'/'.join(self.frozen_projections) or '-'} "
             f"frozen orthogonal, T = trainable): {len(self.frozen_layers)}/{model_args.n_layers} layers"
@@ -65,23 +62,14 @@ class OELMTransformer(MixedTransformer):
     def frozen_param_names(self) -> list[str]:
         return [f"layers.{i}.attention.{p}.weight" for i in self.frozen_layers for p in self.frozen_projections]
 
-    def _freeze_map_tensor(self) -> torch.Tensor:
-        m = torch.zeros(self.model_args.n_layers, len(_PROJ), dtype=torch.int8)
-        for i in self.frozen_layers:
-            for p in self.frozen_projections:
-                m[i, _PROJ.index(p)] = 1
-        return m
-
     def init_weights(self, buffer_device: torch.device | None = None):
         super().init_weights(buffer_device=buffer_device)
-        device = buffer_device or self.freqs_cis.device
-        self.oelm_freeze_map = self._freeze_map_tensor().to(device)
         seed = self.model_args.oelm_seed
         with torch.no_grad():
             for i in self.frozen_layers:
                 for p in self.frozen_projections:
                     weight = self.get_parameter(f"layers.{i}.attention.{p}.weight")
-                    full = orthogonal_weight(tuple(weight.shape), seed * 1_000_003 + 8 * i + _PROJ.index(p))
+                    full = orthogonal_weight(tuple(weight.shape), seed * 1_000_003 + 8 * i + PROJECTIONS.index(p))
                     if isinstance(weight, DTensor):
                         full = full.to(device=weight.device, dtype=weight.dtype)
                         # identical on every rank, so each rank keeps its own shard (no traffic)
@@ -89,25 +77,6 @@ class OELMTransformer(MixedTransformer):
                         weight.copy_(local)
                     else:
                         weight.copy_(full)
-
-    def _check_freeze_map(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "oelm_freeze_map"
-        if key not in state_dict:
-            return
-        saved = state_dict[key]
-        saved = saved.full_tensor() if hasattr(saved, "full_tensor") else saved
-        saved = saved.cpu()
-        own = self._freeze_map_tensor()
-        if saved.shape != own.shape or not torch.equal(saved.to(own.dtype), own):
-            raise ValueError(
-                f"checkpoint OELM freeze map {_map_str(saved)} does not match this model's {_map_str(own)} "
-                "(per layer, the frozen ones of q/k/v): resume with the same model.oelm_freeze and "
-                "model.freeze_ratio"
-            )
-
-
-def _map_str(m: torch.Tensor) -> str:
-    return "|".join("".join("qkv"[j] if int(row[j]) else "-" for j in range(len(row))) for row in m.tolist())
 
 
 def trainable_and_frozen(model: nn.Module) -> tuple[int, int]:

@@ -1,0 +1,111 @@
+"""The training process of one rank: `python -m titan_linear.train [torchtitan args]`.
+
+`run_train.sh` starts one per rank through torchrun (via `titan_linear.launch run`),
+as `python -m torchtitan.train` would be: this module calls TorchTitan's own
+`torchtitan.train.main` with `Trainer`, TorchTitan's Trainer plus the recipe's
+run safety (recipe/monitor.py):
+- a NaN/Inf loss or gradient norm stops the step before the optimizer step;
+- no checkpoint of non-finite weights is written;
+- a failure that is the user's to fix (a bad setting, data, a damaged checkpoint, a
+  non-finite value) ends the rank with one line on stderr, in torchelastic's error
+  file for the launcher to show, and exit status 1, instead of a traceback; anything
+  else keeps its traceback.
+The rank also dies with its launcher (Linux parent-death signal), so killing the
+launcher, even with SIGKILL, never leaves a rank training on.
+"""
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+
+from torchtitan.train import main as torchtitan_main
+from torchtitan.train import Trainer as TorchTitanTrainer
+
+from titan_linear.checkpoint import CheckpointError
+from titan_linear.recipe.monitor import (
+    check_finite_weights, checked_grad_norm, nonfinite_message, NonFiniteError,
+)
+
+# Failures a user fixes by changing the config, the data or the checkpoint.
+USER_ERRORS = (ValueError, NonFiniteError, CheckpointError, FileNotFoundError)
+
+
+class Trainer(TorchTitanTrainer):
+    """TorchTitan's Trainer that never steps or saves on non-finite values."""
+
+    def __init__(self, job_config):
+        super().__init__(job_config)
+        self._last_saved: int | None = None
+        save = self.checkpointer.save
+
+        def finite_save(curr_step: int, last_step: bool = False):
+            # _should_save is the checkpointer's own rule (interval, last step, first step).
+            if self.checkpointer._should_save(curr_step, last_step):
+                try:
+                    check_finite_weights(self.model_parts, curr_step)
+                except NonFiniteError as e:
+                    raise NonFiniteError(nonfinite_message(e, curr_step, self._last_saved)) from None
+                self._last_saved = curr_step
+            return save(curr_step, last_step=last_step)
+
+        self.checkpointer.save = finite_save
+
+    def train_step(self, data_iterator):
+        try:
+            with checked_grad_norm(self.job_config.monitor.stop_on_nonfinite):
+                return super().train_step(data_iterator)
+        except NonFiniteError as e:
+            if str(e).startswith("titan_linear:"):
+                raise
+            raise NonFiniteError(nonfinite_message(e, self.step, self._latest_on_disk())) from None
+
+    def _latest_on_disk(self) -> int | None:
+        from titan_linear.checkpoint import checkpoint_folder, step_folders
+
+        if not self.job_config.checkpoint.enable:
+            return None
+        steps = step_folders(checkpoint_folder(self.job_config))
+        done = [s for s, p in steps.items() if os.path.isfile(os.path.join(p, ".metadata"))]
+        return max(done) if done else None
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent (the launcher) dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before the call
+        os._exit(1)
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    line = text[0] if text else type(e).__name__
+    return line if line.startswith("titan_linear:") else f"titan_linear: error: {line}"
+
+
+def report_error(line: str) -> None:
+    """Print `line` and leave it in torchelastic's error file, where the launcher reads it."""
+    print(line, file=sys.stderr, flush=True)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"message": line, "timestamp": int(time.time())}, f)
+
+
+def main() -> int:
+    die_with_parent()
+    try:
+        torchtitan_main(Trainer)
+    except USER_ERRORS as e:
+        report_error(one_line(e))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
