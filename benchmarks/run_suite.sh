@@ -5,9 +5,13 @@
 #   SUITE="attention inference" OUT=/tmp/bench TAG=h200 benchmarks/run_suite.sh
 #
 # Environment:
-#   SUITE         parts to run, in order (default "tune attention e2e scaling inference"); "tune" times the
-#                 Triton kernels' chunk, sub-chunk and warps (TITAN_LINEAR_TRITON_CHUNK / _SUB_CHUNK
-#                 / _WARPS) at T = 8192 into tune_<TAG>.json: set the best as triton_op.py's defaults
+#   SUITE         parts to run, in order (default "tune attention e2e scaling inference"); "tune" times
+#                 candidate launch parameters of the Triton kernels (chunk:sub_chunk:warps, passed
+#                 to benchmarks/tune_attention.py, which runs each through triton_tuning.override)
+#                 against the tuning table's entry, head dims 64 and 128 at T = 8192, into
+#                 tune_<TAG>.json: a winner goes into triton_tuning.py's table by hand
+#   TUNE_CANDIDATES   the candidates (default: tune_attention.py's own list)
+#   TUNE_ARGS     extra arguments for tune_attention.py (e.g. TUNE_ARGS="--seq-lens 2048 65536")
 #   OUT           results folder (default benchmarks/results): <part>_<TAG>.json, SUMMARY.md, PNGs
 #   TAG           suffix of the JSON files (default h100)
 #   ATTN_IMPLS    impls for attention.py (default: its own --impls default, which names every
@@ -58,24 +62,8 @@ for part in ${SUITE:-tune attention e2e scaling inference}; do
   echo "run_suite.sh: $part" >&2
   case $part in
     tune)
-      rm -f "$OUT/tune_$TAG.json"
-      for cfg in 128:16:4 128:16:8 128:32:8 256:16:8 256:32:8 128:64:8; do
-        IFS=: read -r chunk sub warps <<< "$cfg"
-        TITAN_LINEAR_TRITON_CHUNK=$chunk TITAN_LINEAR_TRITON_SUB_CHUNK=$sub TITAN_LINEAR_TRITON_WARPS=$warps \
-          "$PYTHON" - "$OUT/tune_$TAG.json" "$cfg" <<'PY'
-import json, os, subprocess, sys
-out, cfg = sys.argv[1], sys.argv[2]
-tmp = out + ".part"
-subprocess.run([sys.executable, "benchmarks/attention.py", "--impls", "titan_triton", "--seq-lens", "8192",
-                "--head-dims", "64", "128", "--rep-ms", "50", "--out", tmp], check=True)
-rows = json.load(open(out)) if os.path.exists(out) else []
-for r in json.load(open(tmp)):
-    r["chunk"], r["sub_chunk"], r["warps"] = (int(x) for x in cfg.split(":"))
-    rows.append(r)
-json.dump(rows, open(out, "w"), indent=1)
-os.remove(tmp)
-PY
-      done ;;
+      "$PYTHON" benchmarks/tune_attention.py --out "$OUT/tune_$TAG.json" \
+        ${TUNE_CANDIDATES:+--candidates $TUNE_CANDIDATES} ${TUNE_ARGS:-} ;;
     attention)
       "$PYTHON" benchmarks/attention.py --out "$OUT/attention_$TAG.json" ${ATTN_IMPLS:+--impls $ATTN_IMPLS} \
         ${ATTN_ARGS:-} ;;

@@ -107,7 +107,8 @@ def test_efficient_attention_dispatches_to_triton_on_cuda():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("D", [64, 128])
 def test_efficient_attention_triton_long_sequence_matches_chunked(dtype, D):
-    """Many chunks and scan blocks (T = 5000: 40 chunks of 128), grouped heads, vs the torch path."""
+    """Many chunks and scan blocks (T = 5000: 20 chunks of 256, 3 scan blocks of 8), grouped heads,
+    vs the torch path."""
     from titan_linear.ops.efficient_attn import efficient_attention_chunked, efficient_attention_triton
 
     q, k, v = _qkv(1, 4, 2, 5000, D, dtype, key_scale=3.0)
@@ -149,9 +150,10 @@ def test_efficient_attention_triton_value_mean_keeps_dq_accurate():
 
 def test_efficient_attention_triton_custom_op_passes_opcheck():
     from titan_linear.ops.efficient_attn.triton_op import efficient_attn_fwd
+    from titan_linear.ops.efficient_attn.triton_tuning import launch_config
 
     q, k, v = _qkv(1, 4, 2, 300, 64, torch.bfloat16)
-    torch.library.opcheck(efficient_attn_fwd, (q, k, v))
+    torch.library.opcheck(efficient_attn_fwd, (q, k, v, *launch_config(64, torch.bfloat16)))
 
 
 def test_efficient_attention_triton_memory_is_linear_in_seqlen():
@@ -169,3 +171,24 @@ def test_efficient_attention_triton_memory_is_linear_in_seqlen():
         peaks[T] = torch.cuda.max_memory_allocated() - base
     # 4x the tokens: at most ~4x the memory (a T^2 term would give 16x).
     assert peaks[32768] < 4.5 * peaks[8192], peaks
+
+
+@pytest.mark.parametrize("tiles", [dict(chunk=128, sub_chunk=32, warps=8), dict(chunk=64, sub_chunk=16, warps=4,
+                                                                               scan_chunks=2, scan_block=32)],
+                         ids=["128-32-8", "64-16-4-scan2x32"])
+def test_efficient_attention_triton_other_tiles_match_table(tiles):
+    """Candidates a tune sweep passes (triton_tuning.override) compute the same function as the
+    table's entry; the backward runs outside the override, with its forward's tiles."""
+    from titan_linear.ops.efficient_attn import efficient_attention_triton
+    from titan_linear.ops.efficient_attn.triton_tuning import override
+
+    q, k, v = _qkv(1, 4, 2, 3000, 64, torch.bfloat16)
+    do = torch.randn(1, 4, 3000, 64, device="cuda", dtype=torch.bfloat16)
+    ref = efficient_attention_triton(q, k, v)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    with override(**tiles):
+        out = efficient_attention_triton(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    assert _rel(out, ref) < 1e-2
+    for g, r in zip(grads, ref_grads):
+        assert _rel(g, r) < 2e-2

@@ -81,17 +81,40 @@ def _model_errors() -> dict:
     return errors
 
 
+def _split_override_errors() -> dict:
+    """Forward inside triton_tuning.override(chunk=32), backward outside it: the backward must
+    take the forward's chunking (the custom ops carry the config), not the table's 256."""
+    from titan_linear.ops.efficient_attn import efficient_attention_quadratic, efficient_attention_triton
+    from titan_linear.ops.efficient_attn.triton_tuning import override
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 100, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    do = torch.randn(1, 2, 100, 16, generator=g, dtype=torch.float64)
+    results = []
+    for fn, dt in ((efficient_attention_quadratic, torch.float64), (efficient_attention_triton, torch.float32)):
+        leaves = [x.to(dt).requires_grad_() for x in (q, k, v)]
+        with override(chunk=32):
+            out = fn(*leaves)
+        grads = torch.autograd.grad(out, leaves, do.to(dt))
+        results.append([x.detach().double() for x in (out, *grads)])
+    return {name: ((got - ref).norm() / ref.norm()).item() for name, ref, got in zip(("o", "dq", "dk", "dv"), *results)}
+
+
 # Ordinary keys with the same-sub-chunk block forced onto its exact per-key loop
-# (TITAN_LINEAR_TRITON_SPAN=-1); CASES at ordinary scale take the tensor-core products.
+# (override(span=-1)); CASES at ordinary scale take the tensor-core products.
 EXACT_CASE = (1, 4, 2, 150, 16, 1.0)
 
 
-def _interpret(cases: list, **env) -> list[dict]:
-    """_errors of each case in one child process (importing torch and triton once costs ~7 s)."""
+def _interpret(cases: list, **config) -> list[dict]:
+    """_errors of each case in one child process (importing torch and triton once costs ~7 s),
+    with the launch config's `config` fields replaced for every key (triton_tuning.override)."""
     pytest.importorskip("triton")
-    calls = ", ".join("t._model_errors()" if c == "model" else f"t._errors(*{c!r})" for c in cases)
-    code = f"import json, tests.test_triton_attn as t; print(json.dumps([{calls}]))"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO), **env}
+    calls = ", ".join(f"t._{c}_errors()" if isinstance(c, str) else f"t._errors(*{c!r})" for c in cases)
+    code = ("import json, tests.test_triton_attn as t\n"
+            "from titan_linear.ops.efficient_attn.triton_tuning import override\n"
+            f"with override(**{config!r}):\n"
+            f"    print(json.dumps([{calls}]))")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -100,7 +123,7 @@ def _interpret(cases: list, **env) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def interpreted_errors() -> list[dict]:
-    return _interpret([*CASES, "model"])
+    return _interpret([*CASES, "model", "split_override"])
 
 
 def _top_scale(case) -> float:
@@ -127,7 +150,7 @@ def test_hybrid_model_on_triton_path_matches_torch_path(interpreted_errors):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/test_gpu.py runs the compiled kernels")
 def test_efficient_attention_triton_interpreted_exact_loop_matches_quadratic():
-    (errors,) = _interpret([EXACT_CASE], TITAN_LINEAR_TRITON_SPAN="-1")
+    (errors,) = _interpret([EXACT_CASE], span=-1)
     assert all(e < 1e-5 for e in errors.values()), errors
 
 
@@ -135,19 +158,58 @@ def test_efficient_attention_triton_interpreted_exact_loop_matches_quadratic():
 def test_efficient_attention_triton_interpreted_scans_carry_across_blocks():
     """Chunks of 64 taken 2 per step of the scans (z, states, the backward's summaries): 10 chunks,
     so each scan carries across 5 blocks, and the last block is half past the end."""
-    (errors,) = _interpret([(1, 2, 2, 600, 16, (1.0, 100.0))], TITAN_LINEAR_TRITON_CHUNK="64",
-                           TITAN_LINEAR_TRITON_SCAN_CHUNKS="2")
+    (errors,) = _interpret([(1, 2, 2, 600, 16, (1.0, 100.0))], chunk=64, scan_chunks=2)
     assert all(e < 1e-4 for e in errors.values()), errors
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/test_gpu.py runs the compiled kernels")
 def test_efficient_attention_triton_interpreted_bf16_path_matches_quadratic():
-    """bf16 inputs: the products' operands rounded to bf16 (TITAN_LINEAR_TRITON_DOT=bf16sim, since
+    """bf16 inputs: the products' operands rounded to bf16 (override(prec="bf16sim"), since
     the interpreter cannot multiply bf16 operands) and bf16 outputs, two chunks, grouped heads.
     An H100 gives o 2e-3 and gradients 4e-3 on this path; a wrong term gives O(1).
 
     Second case: values sharing a mean of 16 standard deviations. Without the backward's value
     shift (triton_bwd.py) the mean's bf16 rounding cancelled into dq (0.20 here) and dk (0.05)."""
     cases = [(1, 4, 2, 300, 16, 1.0, "bfloat16"), (1, 2, 1, 300, 16, 1.0, "bfloat16", "cpu", 16.0)]
-    for errors in _interpret(cases, TITAN_LINEAR_TRITON_DOT="bf16sim", TITAN_LINEAR_TRITON_CHUNK="128"):
+    for errors in _interpret(cases, prec="bf16sim", chunk=128):
         assert all(e < 3e-2 for e in errors.values()), errors
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/test_gpu.py runs the compiled kernels")
+def test_efficient_attention_triton_backward_keeps_forward_config(interpreted_errors):
+    errors = interpreted_errors[len(CASES) + 1]
+    assert all(e < 1e-5 for e in errors.values()), errors
+
+
+def test_tuning_table_covers_every_supported_key():
+    from titan_linear.ops.efficient_attn.triton_tuning import DTYPES, HEAD_DIMS, TABLE, launch_config
+
+    assert set(TABLE) == {(d, dtype) for d in HEAD_DIMS for dtype in DTYPES}
+    for (d, dtype), cfg in TABLE.items():
+        assert cfg.chunk % cfg.sub_chunk == 0 and cfg.span == 100.0, cfg
+        assert cfg.prec == {torch.bfloat16: "bf16", torch.float16: "tf32", torch.float32: "ieee"}[dtype]
+        assert launch_config(d, dtype) is cfg
+    # The measured winner (benchmarks/results/tune_h100.json).
+    assert TABLE[(64, torch.bfloat16)][:3] == (256, 16, 4)
+    with pytest.raises(ValueError, match="head dims"):
+        launch_config(96, torch.bfloat16)
+
+
+def test_tuning_override_replaces_fields_nests_and_restores():
+    from titan_linear.ops.efficient_attn.triton_tuning import TABLE, launch_config, override
+
+    before = launch_config(128, torch.float16)
+    with override(chunk=64, warps=2):
+        assert launch_config(128, torch.float16) == before._replace(chunk=64, warps=2)
+        with override(span=-1):
+            assert launch_config(16, torch.float32) == TABLE[(16, torch.float32)]._replace(chunk=64, warps=2, span=-1.0)
+        assert launch_config(16, torch.float32).span == 100.0
+    assert launch_config(128, torch.float16) is before
+    for bad in (dict(chunk=48), dict(chunk=16, sub_chunk=32), dict(warps=3), dict(prec="fp8")):
+        with pytest.raises(ValueError):
+            with override(**bad):
+                pass
+    with pytest.raises(TypeError, match="unknown"):
+        with override(CHUNK=64):
+            pass
+    assert launch_config(128, torch.float16) is before

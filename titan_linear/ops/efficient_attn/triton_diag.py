@@ -7,7 +7,7 @@ the z just before the sub-chunk (-inf before the first) and M = max(r, max_s k2_
 
 so z needs no log-add-exp scan (the cumulative sum is a product with a triangular matrix) and
 the block is tensor-core products of p / D and e. D is non-decreasing in t, so while its first
-row is at least 2^-SPAN (SPAN log2 units, 100 by default: triton_op.py) every factor stays in
+row is at least 2^-SPAN (SPAN log2 units, 100 by default: triton_tuning.py) every factor stays in
 fp32's range (2^±126); an e that underflows belongs to a weight below 2^-26 of its row's total.
 
 Each kernel is compiled twice (FAST a constexpr). The summary kernel flags every chunk with a

@@ -9,8 +9,6 @@ On a machine without a GPU the same kernels run under Triton's interpreter
 (TRITON_INTERPRET=1 before the first import of triton), which is how CPU tests check them.
 """
 
-import os
-
 import torch
 import triton
 
@@ -18,31 +16,7 @@ from .naive import check_qkv
 from .triton_bwd import bwd_key_kernel, bwd_query_kernel
 from .triton_common import reverse_scan_kernel, state_scan_kernel
 from .triton_fwd import chunk_output_kernel, chunk_summary_kernel
-
-# Positions per chunk: the unit of parallel work and of the carried state. Larger chunks move
-# fewer (d_k × d_v) states through memory and give fewer, longer programs.
-CHUNK = int(os.environ.get("TITAN_LINEAR_TRITON_CHUNK", "256"))
-# Positions per same-sub-chunk block (triton_diag.py), the unit of the kernels' products:
-# larger blocks mean fewer, bigger products but fall back to the exact loop sooner.
-SUB_CHUNK = int(os.environ.get("TITAN_LINEAR_TRITON_SUB_CHUNK", "16"))
-# How far (log2 units) the keys of a sub-chunk may spread before its chunk goes to the exact
-# kernels instead of products (triton_diag.py); a negative value sends every chunk there.
-SPAN = float(os.environ.get("TITAN_LINEAR_TRITON_SPAN", "100"))
-SCAN_CHUNKS = int(os.environ.get("TITAN_LINEAR_TRITON_SCAN_CHUNKS", "8"))  # chunks per step of the scans' parallel block
-SCAN_BLOCK = int(os.environ.get("TITAN_LINEAR_TRITON_SCAN_BLOCK", "64"))  # state elements per scan program
-HEAD_DIMS = (16, 32, 64, 128)
-
-
-def _check_tiling(chunk: int, sub_chunk: int) -> None:
-    for name, value in (("TITAN_LINEAR_TRITON_CHUNK", chunk), ("TITAN_LINEAR_TRITON_SUB_CHUNK", sub_chunk)):
-        if value < 16 or value & (value - 1):
-            raise ValueError(f"{name} = {value} is not allowed: a power of two >= 16")
-    if chunk % sub_chunk:
-        raise ValueError(f"TITAN_LINEAR_TRITON_CHUNK = {chunk} is not allowed: a multiple of the "
-                         f"sub-chunk ({sub_chunk})")
-
-
-_check_tiling(CHUNK, SUB_CHUNK)
+from .triton_tuning import HEAD_DIMS, LaunchConfig, launch_config
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -54,28 +28,6 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         and q.shape[-1] in HEAD_DIMS
         and v.shape[-1] in HEAD_DIMS
     )
-
-
-def _warps(dk: int, dv: int) -> int:
-    # Measured on an H100 (benchmarks/results/tune_h100.json): 4 warps beat 8 at head dim 64
-    # (more programs per SM hide the latency of each program's chain of small products); at
-    # head dim 128 the (d_k, d_v) state alone is 128 fp32 registers per thread at 4 warps.
-    default = 4 if max(dk, dv) <= 64 else 8
-    return int(os.environ.get("TITAN_LINEAR_TRITON_WARPS", default))
-
-
-# Product operands below fp32, overriding _precision's choice (tests: "bf16sim", triton_diag.mm).
-DOT = os.environ.get("TITAN_LINEAR_TRITON_DOT")
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # Operands of the kernels' products (triton_diag.mm). bf16 inputs: bf16 operands, the
-    # rounding FlashAttention applies to its probabilities (2^-9, below a bf16 result's own);
-    # fp16: tf32 (bf16 would round the fp16 values themselves); fp32: full fp32 products.
-    # Cumulative sums keep ~16 bits whatever this is (triton_diag.cumsum_rows).
-    if dtype == torch.float32:
-        return "ieee"
-    return DOT or ("tf32" if dtype == torch.float16 else "bf16")
 
 
 def _like_bthd(x: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
@@ -93,68 +45,72 @@ def _unit_stride(*xs: torch.Tensor) -> list[torch.Tensor]:
     return [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
 
 
-def _forward_states(local: torch.Tensor, lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_states(local: torch.Tensor, lse2: torch.Tensor, cfg: LaunchConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(s_end, z_end): the state after each chunk and the log2 z at its end (state_scan_kernel)."""
     bh, nc, d_k, d_v = local.shape
     s_end, z_end = torch.empty_like(local), torch.empty_like(lse2)
-    state_scan_kernel[(bh, triton.cdiv(d_k * d_v, SCAN_BLOCK))](
-        local, lse2, s_end, z_end, nc, d_k * d_v, W=d_v, NB=SCAN_CHUNKS, BLK=SCAN_BLOCK)
+    state_scan_kernel[(bh, triton.cdiv(d_k * d_v, cfg.scan_block))](
+        local, lse2, s_end, z_end, nc, d_k * d_v, W=d_v, NB=cfg.scan_chunks, BLK=cfg.scan_block)
     return s_end, z_end
 
 
-def _reverse_scan(u: torch.Tensor, z_end: torch.Tensor) -> torch.Tensor:
+def _reverse_scan(u: torch.Tensor, z_end: torch.Tensor, cfg: LaunchConfig) -> torch.Tensor:
     bh, nc, d_k, width = u.shape
     x = torch.empty_like(u)
-    reverse_scan_kernel[(bh, triton.cdiv(d_k * width, SCAN_BLOCK))](
-        u, z_end, x, nc, d_k * width, W=width, NB=SCAN_CHUNKS, BLK=SCAN_BLOCK)
+    reverse_scan_kernel[(bh, triton.cdiv(d_k * width, cfg.scan_block))](
+        u, z_end, x, nc, d_k * width, W=width, NB=cfg.scan_chunks, BLK=cfg.scan_block)
     return x
 
 
-def _per_chunk(kernel, grid, args: tuple, group: int, d_k: int, d_v: int, dtype: torch.dtype) -> None:
+def _per_chunk(kernel, grid, args: tuple, group: int, d_k: int, d_v: int, cfg: LaunchConfig) -> None:
     """Launch both compiled variants of a per-chunk kernel (triton_diag.py): FAST for the chunks
     the summary left unflagged, then the exact one for the flagged; each variant's programs
     return at once for the other's chunks."""
     for fast in (True, False):
-        kernel[grid](*args, G=group, C=CHUNK, c=SUB_CHUNK, DK=d_k, DV=d_v, PREC=_precision(dtype),
-                     FAST=fast, num_warps=_warps(d_k, d_v))
+        kernel[grid](*args, G=group, C=cfg.chunk, c=cfg.sub_chunk, DK=d_k, DV=d_v, PREC=cfg.prec,
+                     FAST=fast, num_warps=cfg.warps)
 
 
+# The custom ops take the LaunchConfig's fields as arguments (triton_tuning.py), so a traced
+# graph records them and the backward runs with its forward's chunking.
 @torch.library.custom_op("titan_linear::efficient_attn_fwd", mutates_args=())
 def efficient_attn_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    chunk: int, sub_chunk: int, warps: int, scan_chunks: int, scan_block: int, prec: str, span: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (o, s_end, z_end, flags): o (bs, n_heads, seqlen, d_v); s_end (bs · n_kv_heads,
     chunks, d_k, d_v) fp32 state after each chunk; z_end (bs · n_kv_heads, chunks, d_k) fp32 log2
-    z; flags (bs · n_kv_heads, chunks) int32, the chunks the exact kernels take."""
+    z; flags (bs · n_kv_heads, chunks) int32, the chunks the exact kernels take. The remaining
+    arguments are a LaunchConfig's fields (triton_tuning.py)."""
+    cfg = LaunchConfig(chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span)
     group = check_qkv(q, k, v)
     q, k, v = _unit_stride(q, k, v)
     bs, n_heads, seqlen, d_k = q.shape
     n_kv, d_v = k.shape[1], v.shape[-1]
-    nc = triton.cdiv(seqlen, CHUNK)
+    nc = triton.cdiv(seqlen, chunk)
     f32 = dict(dtype=torch.float32, device=q.device)
     local = torch.empty(bs * n_kv, nc, d_k, d_v, **f32)
     lse2 = torch.empty(bs * n_kv, nc, d_k, **f32)
     flags = torch.empty(bs * n_kv, nc, dtype=torch.int32, device=q.device)
-    warps = _warps(d_k, d_v)
     grid = (nc, bs * n_kv)
     chunk_summary_kernel[grid](
         k, v, local, lse2, flags, *_strides(k), *_strides(v), seqlen, n_kv, nc,
-        C=CHUNK, SB=max(min(CHUNK, 64), SUB_CHUNK), c=SUB_CHUNK, DK=d_k, DV=d_v, PREC=_precision(q.dtype),
-        SPAN=SPAN, num_warps=warps,
+        C=chunk, SB=max(min(chunk, 64), sub_chunk), c=sub_chunk, DK=d_k, DV=d_v, PREC=prec,
+        SPAN=span, num_warps=warps,
     )
-    s_end, z_end = _forward_states(local, lse2)
+    s_end, z_end = _forward_states(local, lse2, cfg)
     o = _like_bthd(q, d_v, q.dtype)
     _per_chunk(chunk_output_kernel, grid, (
         q, k, v, o, s_end, z_end, flags, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        seqlen, n_kv, nc), group, d_k, d_v, q.dtype)
+        seqlen, n_kv, nc), group, d_k, d_v, cfg)
     return o, s_end, z_end, flags
 
 
 @efficient_attn_fwd.register_fake
-def _(q, k, v):
+def _(q, k, v, chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span):
     bs, n_heads, seqlen, d_k = q.shape
     n_kv, d_v = k.shape[1], v.shape[-1]
-    nc = -(-seqlen // CHUNK)
+    nc = -(-seqlen // chunk)
     s_end = q.new_empty(bs * n_kv, nc, d_k, d_v, dtype=torch.float32)
     z_end = q.new_empty(bs * n_kv, nc, d_k, dtype=torch.float32)
     return _like_bthd(q, d_v, q.dtype), s_end, z_end, q.new_empty(bs * n_kv, nc, dtype=torch.int32)
@@ -164,8 +120,11 @@ def _(q, k, v):
 def efficient_attn_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     s_end: torch.Tensor, z_end: torch.Tensor, flags: torch.Tensor,
+    chunk: int, sub_chunk: int, warps: int, scan_chunks: int, scan_block: int, prec: str, span: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv from the output gradient and efficient_attn_fwd's saved s_end, z_end, flags."""
+    """dq, dk, dv from the output gradient and efficient_attn_fwd's saved s_end, z_end, flags,
+    with the forward's launch config."""
+    cfg = LaunchConfig(chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span)
     group = check_qkv(q, k, v)
     do, q, k, v = _unit_stride(do, q, k, v)
     bs, n_heads, seqlen, d_k = q.shape
@@ -174,7 +133,7 @@ def efficient_attn_bwd(
     f32 = dict(dtype=torch.float32, device=q.device)
     dq = _like_bthd(q, d_k, q.dtype)
     cdp = torch.empty(bs, n_heads, seqlen, d_k, **f32)
-    refs = torch.empty(bs * n_kv, nc, CHUNK // SUB_CHUNK, d_k, **f32)
+    refs = torch.empty(bs * n_kv, nc, chunk // sub_chunk, d_k, **f32)
     later = torch.empty(bs * n_kv, nc, d_k, d_v + 1, **f32)
     # The kernels take v − m (triton_bwd.py: any m gives the same gradients; one near the values'
     # common mean keeps its rounding out of dq and dk). m: the mean over features of the state
@@ -185,32 +144,33 @@ def efficient_attn_bwd(
     _per_chunk(bwd_query_kernel, grid, (
         q, k, v, do, dq, cdp, s_end, z_end, refs, later, flags, v_shift,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        seqlen, n_kv, nc), group, d_k, d_v, q.dtype)
+        seqlen, n_kv, nc), group, d_k, d_v, cfg)
     # Reverse scan: slot n receives chunk n + 1's summary, decayed from Z_{n+1} to Z_n.
-    later = _reverse_scan(later, z_end)
+    later = _reverse_scan(later, z_end, cfg)
     dk = _like_bthd(k, d_k, k.dtype)
     dv = _like_bthd(v, d_v, v.dtype)
     _per_chunk(bwd_key_kernel, grid, (
         q, k, v, do, cdp, z_end, refs, later, dk, dv, flags, v_shift,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        seqlen, n_kv, nc), group, d_k, d_v, q.dtype)
+        seqlen, n_kv, nc), group, d_k, d_v, cfg)
     return dq, dk, dv
 
 
 @efficient_attn_bwd.register_fake
-def _(do, q, k, v, s_end, z_end, flags):
+def _(do, q, k, v, s_end, z_end, flags, *config):
     return _like_bthd(q, q.shape[-1], q.dtype), _like_bthd(k, k.shape[-1], k.dtype), _like_bthd(v, v.shape[-1], v.dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v = inputs
+    q, k, v, *config = inputs
     _, s_end, z_end, flags = output
     ctx.save_for_backward(q, k, v, s_end, z_end, flags)
+    ctx.config = config
 
 
 def _backward(ctx, do, _ds_end, _dz_end, _dflags):
     q, k, v, s_end, z_end, flags = ctx.saved_tensors
-    return efficient_attn_bwd(do, q, k, v, s_end, z_end, flags)
+    return (*efficient_attn_bwd(do, q, k, v, s_end, z_end, flags, *ctx.config), *(None for _ in ctx.config))
 
 
 efficient_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -218,6 +178,7 @@ efficient_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def efficient_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal efficient attention by the Triton kernels; same contract as efficient_attention.
+    Launch parameters: triton_tuning.launch_config(max(d_k, d_v), dtype).
 
     Args:
         q: (bs, n_heads, seqlen, d_k), bf16 / fp16 / fp32, d_k in 16, 32, 64, 128.
@@ -227,4 +188,5 @@ def efficient_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     Returns:
         (bs, n_heads, seqlen, d_v) in the dtype of q, stored as (bs, seqlen, n_heads, d_v).
     """
-    return efficient_attn_fwd(q, k, v)[0]
+    cfg = launch_config(max(q.shape[-1], v.shape[-1]), q.dtype)
+    return efficient_attn_fwd(q, k, v, *cfg)[0]

@@ -1,0 +1,141 @@
+"""Launch parameters of the Triton kernels: one table keyed by (head dim, dtype).
+
+`launch_config(head_dim, dtype)` gives the `LaunchConfig` the kernels run with: tile shapes,
+warps, the scans' block, the products' operand type and the exact path's threshold.
+`efficient_attention_triton` looks it up once per call (head dim = max(d_k, d_v)) and passes
+it to the forward and backward custom ops as arguments, so the backward always uses the
+forward's chunking. The table holds every supported key: head dims 16, 32, 64, 128 ×
+bf16 / fp16 / fp32.
+
+To time or test other settings, `override` replaces fields for the calls inside a `with`
+(benchmarks/tune_attention.py sweeps candidates this way; tests force the exact path with
+`span=-1` and the interpreter's bf16 products with `prec="bf16sim"`):
+
+    with override(chunk=128, sub_chunk=32, warps=8):
+        o = efficient_attention(q, k, v)
+
+Nothing here is read from the environment.
+"""
+
+import contextlib
+import os
+import warnings
+from typing import Iterator, NamedTuple
+
+import torch
+
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+PRECISIONS = ("ieee", "tf32", "bf16", "bf16sim")
+
+
+class LaunchConfig(NamedTuple):
+    """How the kernels are launched for one (head dim, dtype).
+
+    chunk        positions per chunk: the unit of parallel work and of the carried state. Larger
+                 chunks move fewer (d_k × d_v) states through memory and give fewer, longer
+                 programs. A power of two >= 16, a multiple of sub_chunk.
+    sub_chunk    positions per same-sub-chunk block (triton_diag.py), the unit of the products:
+                 larger blocks mean fewer, bigger products but fall back to the exact loop
+                 sooner. A power of two >= 16.
+    warps        num_warps of the per-chunk kernels.
+    scan_chunks  chunks per step of the scans' parallel block (a power of two).
+    scan_block   state elements per scan program (a power of two).
+    prec         the products' operands (triton_diag.mm): "bf16" for bf16 inputs (the rounding
+                 FlashAttention applies to its probabilities, 2^-9, below a bf16 result's own);
+                 "tf32" for fp16 (bf16 would round the fp16 values themselves); "ieee" (full
+                 fp32) for fp32; "bf16sim" (bf16 rounding, fp32 products) only for Triton's CPU
+                 interpreter, which multiplies bf16 operands wrongly. Cumulative sums keep ~16
+                 bits whatever this is (triton_diag.cumsum_rows). Not a speed setting.
+    span         how far (log2 units) the keys of a sub-chunk may spread before its chunk goes
+                 to the exact kernels instead of products (triton_diag.py); negative sends every
+                 chunk there. A correctness threshold, not a speed setting.
+    """
+
+    chunk: int = 256
+    sub_chunk: int = 16
+    warps: int = 4
+    scan_chunks: int = 8
+    scan_block: int = 64
+    prec: str = "bf16"
+    span: float = 100.0
+
+
+def _check(cfg: LaunchConfig) -> LaunchConfig:
+    def pow2(x: int) -> bool:
+        return isinstance(x, int) and x >= 1 and not x & (x - 1)
+
+    for name in ("chunk", "sub_chunk"):
+        value = getattr(cfg, name)
+        if not pow2(value) or value < 16:
+            raise ValueError(f"{name} = {value} is not allowed: a power of two >= 16")
+    if cfg.chunk % cfg.sub_chunk:
+        raise ValueError(f"chunk = {cfg.chunk} is not allowed: a multiple of the sub-chunk ({cfg.sub_chunk})")
+    for name in ("warps", "scan_chunks", "scan_block"):
+        if not pow2(getattr(cfg, name)):
+            raise ValueError(f"{name} = {getattr(cfg, name)} is not allowed: a power of two")
+    if cfg.prec not in PRECISIONS:
+        raise ValueError(f"prec = {cfg.prec!r} is not allowed: one of {', '.join(PRECISIONS)}")
+    return cfg._replace(span=float(cfg.span))
+
+
+# Products' operands per input dtype (see LaunchConfig.prec).
+_PREC = {torch.bfloat16: "bf16", torch.float16: "tf32", torch.float32: "ieee"}
+
+# Tile shapes and warps per head dim. What was measured (benchmarks/results/tune_h100.json: an
+# H100, bf16, head dim 64, T = 2K / 8K / 64K, chunk × sub-chunk × warps):
+#   chunk 256, sub-chunk 16, 4 warps won: 2.92 ms at 2K, against 2.97 (256/32/4), 3.23
+#   (512/32/4), 3.26 (128/16/4), 3.19 (128/32/4), 3.96 (128/32/8), 5.16-5.25 (chunk 64),
+#   8.06-8.55 (sub-chunk 64). 4 warps beat 8 at head dim 64 (more programs per SM hide the
+#   latency of each program's chain of small products).
+# Not swept: head dim 128 keeps 8 warps (its (d_k, d_v) fp32 state alone is 128 registers per
+# thread at 4 warps); head dims 16 and 32 take head dim 64's entry; fp16 and fp32 take bf16's
+# tiles; the scans' 8 chunks × 64 elements were never swept. Each is the default the kernels
+# had before this table. benchmarks/results/README.md ("Tuning table") has the measurements
+# behind any entry changed since.
+_TILES = {
+    16: dict(chunk=256, sub_chunk=16, warps=4),   # not measured: head dim 64's entry
+    32: dict(chunk=256, sub_chunk=16, warps=4),   # not measured: head dim 64's entry
+    64: dict(chunk=256, sub_chunk=16, warps=4),   # measured (bf16, H100): the winner above
+    128: dict(chunk=256, sub_chunk=16, warps=8),  # not measured on the H100: the old default
+}
+
+TABLE: dict[tuple[int, torch.dtype], LaunchConfig] = {
+    (d, dtype): _check(LaunchConfig(**tiles, prec=_PREC[dtype])) for d, tiles in _TILES.items() for dtype in DTYPES
+}
+
+_active = TABLE  # what launch_config reads: TABLE, or TABLE with an override's fields replaced
+
+
+def launch_config(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
+    """The launch parameters for inputs of this head dim (max of d_k, d_v) and dtype."""
+    try:
+        return _active[(head_dim, dtype)]
+    except KeyError:
+        raise ValueError(f"the Triton kernels take head dims {HEAD_DIMS} and dtypes {DTYPES}, "
+                         f"not {head_dim}, {dtype}") from None
+
+
+@contextlib.contextmanager
+def override(config: LaunchConfig | None = None, **fields) -> Iterator[None]:
+    """Inside the `with`, every key of the table runs with `config` (if given) and then `fields`
+    replaced (e.g. `override(chunk=128, warps=8)`, `override(span=-1)`). Overrides nest.
+    For benchmarks and tests: a call's config is fixed at its forward, so a backward outside
+    the `with` still matches its forward."""
+    global _active
+    unknown = set(fields) - set(LaunchConfig._fields)
+    if unknown:
+        raise TypeError(f"override: unknown fields {sorted(unknown)}; allowed: {', '.join(LaunchConfig._fields)}")
+    previous = _active
+    base = {key: (config if config is not None else cfg) for key, cfg in previous.items()}
+    _active = {key: _check(cfg._replace(**fields)) for key, cfg in base.items()}
+    try:
+        yield
+    finally:
+        _active = previous
+
+
+_OLD_KNOBS = [name for name in os.environ if name.startswith("TITAN_LINEAR_TRITON_")]
+if _OLD_KNOBS:
+    warnings.warn(f"{', '.join(sorted(_OLD_KNOBS))}: ignored; the Triton kernels take their launch parameters "
+                  "from titan_linear/ops/efficient_attn/triton_tuning.py (TABLE, override)", stacklevel=2)
