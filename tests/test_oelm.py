@@ -168,7 +168,7 @@ def _argv(*extra):
     ("--model.oelm_freeze", "qv", "model.oelm_freeze"),
     ("--model.freeze_ratio", "1.5", "model.freeze_ratio"),
     ("--lr_scheduler.schedule", "step", "lr_scheduler.schedule"),
-    ("--lr_scheduler.min_lr_ratio", "2", "lr_scheduler.min_lr_ratio"),
+    ("--lr_scheduler.min_lr_factor", "2", "lr_scheduler.min_lr_factor"),
 ])
 def test_bad_oelm_keys_name_key_and_value(flag, value, key):
     with pytest.raises(ValueError) as e:
@@ -185,9 +185,9 @@ def test_debug_config_checks():
 
 
 @pytest.mark.parametrize("name, flavor, mode, schedule", [
-    ("oelm_small", "small", "kv", "cosine"), ("oelm_base", "base", "kv", "cosine_restarts"),
-    ("oelm_large", "large", "kv", "polynomial"), ("medium512_gpt", "medium512", "none", "cosine"),
-    ("medium512_oelm", "medium512", "qk", "cosine"),
+    ("oelm_small", "small", "kv", "torchtitan"), ("oelm_base", "base", "kv", "cosine_restarts"),
+    ("oelm_large", "large", "kv", "polynomial"), ("medium512_gpt", "medium512", "none", "torchtitan"),
+    ("medium512_oelm", "medium512", "qk", "torchtitan"),
 ])
 def test_seed_configs_check(name, flavor, mode, schedule):
     job, args = check(["--job.config_file", f"train_configs/{name}.toml"])

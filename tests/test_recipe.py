@@ -1,6 +1,7 @@
 """The recipe: LR schedules against their formulas, AdamW groups, NaN/Inf loss stop, grad-norm warning."""
 
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -8,13 +9,16 @@ import torch
 from torch import nn
 from torchtitan.config import LRScheduler as TTLRScheduler, Optimizer as TTOptimizer
 
-from titan_linear.recipe import build_checked_loss_fn, build_grouped_optimizers, build_recipe_lr_schedulers, no_decay
+from titan_linear.recipe import (
+    build_checked_loss_fn, build_grouped_optimizers, build_recipe_lr_schedulers, check_finite_weights,
+    checked_grad_norm, check_schedule_config, no_decay, NonFiniteError,
+)
 from titan_linear.recipe.monitor import MonitoredMetricsProcessor, NonFiniteLossError
 
 
 def _lr_config(**kw):
     cfg = TTLRScheduler()
-    extra = dict(schedule="torchtitan", min_lr_ratio=0.0, restart_interval=0, power=1.0)
+    extra = dict(schedule="torchtitan", min_lr_ratio=None, restart_interval=None, power=None)
     extra.update(kw)
     for k, v in extra.items():
         setattr(cfg, k, v)
@@ -34,21 +38,36 @@ def _lrs(cfg, steps: int, base_lr: float = 1e-3) -> list[float]:
     return out
 
 
-def test_cosine_with_floor_matches_formula():
+def _torchtitan_lrs(cfg, steps: int, base_lr: float) -> list[float]:
+    from torchtitan.components.lr_scheduler import build_lr_schedulers
+
+    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=base_lr)
+    ref = build_lr_schedulers([opt], cfg, steps)
+    out = []
+    for _ in range(steps):
+        out.append(ref.schedulers[0].get_last_lr()[0])
+        opt.step()
+        ref.step()
+    return out
+
+
+def test_deprecated_cosine_is_torchtitans_cosine_with_its_floor():
     W, T, m, lr = 40, 1000, 0.1, 5e-4  # oelm_small.toml's schedule, scaled down
-    lrs = _lrs(_lr_config(schedule="cosine", warmup_steps=W, min_lr_ratio=m), T, lr)
-    for s in (0, 9, 39):
-        assert lrs[s] == pytest.approx(lr * (s + 1) / W)
-    for s in (40, 123, 520, 999):
-        p = (s - W) / (T - W)
-        assert lrs[s] == pytest.approx(lr * (m + (1 - m) * 0.5 * (1 + math.cos(math.pi * p))))
-    assert min(lrs[W:]) >= lr * m - 1e-12
-    assert lrs[W] == pytest.approx(lr)
+    old = _lr_config(schedule="cosine", warmup_steps=W, min_lr_ratio=m)
+    notes = check_schedule_config(old)
+    assert any("schedule = 'cosine' is deprecated" in n for n in notes)
+    assert any("min_lr_ratio is deprecated" in n for n in notes)
+    assert (old.schedule, old.decay_type, old.min_lr_factor) == ("torchtitan", "cosine", m)
+    new = _lr_config(warmup_steps=W, decay_type="cosine", min_lr_factor=m)
+    assert _lrs(_lr_config(schedule="cosine", warmup_steps=W, min_lr_ratio=m), T, lr) == pytest.approx(
+        _torchtitan_lrs(new, T, lr))
+    lrs = _lrs(new, T, lr)
+    assert min(lrs[W:]) >= lr * m - 1e-12 and lrs[W - 1] == pytest.approx(lr)
 
 
 def test_cosine_restarts_matches_formula():
     W, T, R, m, lr = 80, 3000, 1000, 0.1, 3e-4  # oelm_base.toml's schedule, scaled down
-    lrs = _lrs(_lr_config(schedule="cosine_restarts", warmup_steps=W, min_lr_ratio=m, restart_interval=R), T, lr)
+    lrs = _lrs(_lr_config(schedule="cosine_restarts", warmup_steps=W, min_lr_factor=m, restart_interval=R), T, lr)
     for s in (80, 500, 1079, 1080, 1081, 2080, 2999):
         c = ((s - W) % R) / R
         assert lrs[s] == pytest.approx(lr * (m + (1 - m) * 0.5 * (1 + math.cos(math.pi * c))))
@@ -58,27 +77,43 @@ def test_cosine_restarts_matches_formula():
 
 def test_polynomial_matches_formula():
     W, T, m, power, lr = 120, 5000, 0.05, 2.0, 2e-4  # oelm_large.toml's schedule, scaled down
-    lrs = _lrs(_lr_config(schedule="polynomial", warmup_steps=W, min_lr_ratio=m, power=power), T, lr)
+    lrs = _lrs(_lr_config(schedule="polynomial", warmup_steps=W, min_lr_factor=m, power=power), T, lr)
     for s in (120, 777, 2500, 4999):
         p = (s - W) / (T - W)
-        # the same factor written as lr = (base_lr - min_lr) * (1 - p) ** power + min_lr
+        # lr = (base_lr - min_lr) * (1 - p) ** power + min_lr
         assert lrs[s] == pytest.approx((lr - m * lr) * (1 - p) ** power + m * lr)
 
 
 def test_torchtitan_schedule_is_untouched():
-    from torchtitan.components.lr_scheduler import build_lr_schedulers
-
     cfg = _lr_config(warmup_steps=5, decay_type="cosine", min_lr_factor=0.2)
-    model = nn.Linear(2, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    ref = build_lr_schedulers([opt], cfg, 50)
-    mine = _lrs(cfg, 50, 1.0)
-    theirs = []
-    for _ in range(50):
-        theirs.append(ref.schedulers[0].get_last_lr()[0])
-        opt.step()
-        ref.step()
-    assert mine == pytest.approx(theirs)
+    assert _lrs(cfg, 50, 1.0) == pytest.approx(_torchtitan_lrs(cfg, 50, 1.0))
+
+
+def test_short_run_clamps_warmup_without_torchtitans_warning(caplog, monkeypatch):
+    import logging
+
+    from torchtitan.tools.logging import logger
+
+    monkeypatch.setattr(logger, "propagate", True)
+    with caplog.at_level(logging.INFO):
+        lrs = _lrs(_lr_config(warmup_steps=200), 20, 1.0)
+    assert not any("exceed" in r.getMessage() for r in caplog.records)
+    assert lrs[-1] == pytest.approx(1.0) and lrs[0] == pytest.approx(1 / 20)
+
+
+@pytest.mark.parametrize("kw, key", [
+    (dict(schedule="step"), "lr_scheduler.schedule = 'step'"),
+    (dict(schedule="bogus"), "lr_scheduler.schedule = 'bogus'"),
+    (dict(min_lr_factor=2.0), "lr_scheduler.min_lr_factor = 2.0"),
+    (dict(power=2.0), "lr_scheduler.power = 2.0 is not allowed: unset unless lr_scheduler.schedule = 'polynomial'"),
+    (dict(restart_interval=10), "lr_scheduler.restart_interval = 10 is not allowed: unset unless"),
+    (dict(schedule="polynomial", power=-1.0), "lr_scheduler.power = -1.0"),
+    (dict(schedule="polynomial", decay_ratio=0.5), "lr_scheduler.decay_ratio = 0.5 is not allowed: unset with"),
+    (dict(schedule="cosine_restarts", decay_type="sqrt"), "lr_scheduler.decay_type = 'sqrt'"),
+])
+def test_schedule_keys_that_would_be_ignored_are_refused(kw, key):
+    with pytest.raises(ValueError, match=re.escape(key)):
+        check_schedule_config(_lr_config(**kw))
 
 
 class _Tiny(nn.Module):
@@ -120,7 +155,7 @@ def test_adamw_groups_betas_eps_and_no_decay():
 
 
 def _job(stop=True, warn=100.0):
-    return SimpleNamespace(monitor=SimpleNamespace(stop_on_nonfinite_loss=stop, grad_norm_warn=warn),
+    return SimpleNamespace(monitor=SimpleNamespace(stop_on_nonfinite=stop, grad_norm_warn=warn),
                            compile=SimpleNamespace(enable=False, components=[]))
 
 
@@ -133,7 +168,7 @@ def test_nonfinite_loss_stops_with_clear_message(bad):
     labels = torch.randint(0, 5, (2, 3))
     assert torch.isfinite(loss_fn(pred, labels))
     pred[0, 1, 2] = bad
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss .*stopping the run before the optimizer step"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \((nan|inf)\)"):
         loss_fn(pred, labels)
     off = build_checked_loss_fn(build_cross_entropy_loss)(_job(stop=False))
     assert not torch.isfinite(off(pred, labels))
@@ -156,3 +191,48 @@ def test_grad_norm_spike_is_logged_as_warning(caplog, monkeypatch):
     assert len(caplog.records) == 1
     msg = caplog.records[0].getMessage()
     assert "step 8" in msg and "250" in msg and "monitor.grad_norm_warn = 100" in msg
+
+
+def test_nonfinite_grad_norm_raises_before_the_optimizer_step():
+    """Inside the block TorchTitan's clip_grad_norm_ raises on a NaN/Inf norm; outside it is restored."""
+    import torchtitan.train as tt_train
+
+    clip = tt_train.dist_utils.clip_grad_norm_
+    p = nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([1.0, float("nan"), 0.0])
+    with checked_grad_norm(), pytest.raises(NonFiniteError, match=r"non-finite gradient norm \(nan\)"):
+        tt_train.dist_utils.clip_grad_norm_([p], 1.0, foreach=True)
+    assert tt_train.dist_utils.clip_grad_norm_ is clip
+    p.grad = torch.tensor([3.0, 4.0, 0.0])
+    with checked_grad_norm():
+        assert float(tt_train.dist_utils.clip_grad_norm_([p], 1.0, foreach=True)) == pytest.approx(5.0)
+    p.grad = torch.tensor([float("inf"), 0.0, 0.0])
+    with checked_grad_norm(enabled=False):
+        assert not math.isfinite(float(tt_train.dist_utils.clip_grad_norm_([p], 1.0, foreach=True)))
+
+
+def test_nonfinite_weights_are_never_saved():
+    model = _Tiny()
+    check_finite_weights([model], 3)
+    with torch.no_grad():
+        model.proj.bias[1] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"non-finite weights \(proj.bias\) after step 4"):
+        check_finite_weights([model], 4)
+
+
+def test_progress_line_gives_step_of_total_and_eta(caplog, monkeypatch):
+    import logging
+
+    from torchtitan.components.metrics import MetricsProcessor
+    from torchtitan.tools.logging import logger
+
+    monkeypatch.setattr(MetricsProcessor, "log", lambda *a, **k: None)
+    proc = MonitoredMetricsProcessor.__new__(MonitoredMetricsProcessor)
+    proc.grad_norm_warn, proc.total_steps = 100.0, 40
+    monkeypatch.setattr(logger, "propagate", True)
+    with caplog.at_level(logging.INFO):
+        proc.log(10, 3.2, 3.3, 1.0)
+        proc.log(20, 3.1, 3.2, 1.0)
+    lines = [r.getMessage() for r in caplog.records if "progress" in r.getMessage()]
+    assert lines[0].endswith("step 10/40 (25 %)")
+    assert re.fullmatch(r"titan_linear progress: step 20/40 \(50 %\), ETA \d+:\d\d:\d\d", lines[1])

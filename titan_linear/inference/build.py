@@ -91,7 +91,11 @@ def load_model_weights(model: nn.Module, path: str) -> str:
     """
     import torch.distributed.checkpoint as dcp
 
+    from titan_linear.checkpoint import check_intact
+
     path = find_checkpoint(path)
+    # A truncated file would otherwise surface as a bare EOFError naming no file.
+    check_intact(path)
     saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     state = model.state_dict()
     prefix = "model." if any(k.startswith("model.") for k in saved) and not any(k in saved for k in state) else ""

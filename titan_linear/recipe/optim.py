@@ -74,7 +74,8 @@ def check_optimizer_config(job_config) -> None:
 def build_grouped_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager=None) -> OptimizersContainer:
     """TorchTitan's build_optimizers, with decay/no-decay groups when
     `optimizer.no_decay_bias_and_norm` (default true)."""
-    if not optimizer_config.no_decay_bias_and_norm:
+    # getattr: a config parsed without titan_linear.config lacks the key (its default is true)
+    if not getattr(optimizer_config, "no_decay_bias_and_norm", True):
         return build_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager)
     if optimizer_config.name not in _CLASSES:
         raise ValueError(

@@ -56,6 +56,10 @@ def check_schedule_config(cfg) -> list[str]:
     schedule would not use (never silently ignored).
     """
     notes = []
+    for key, default in (("schedule", "torchtitan"), ("min_lr_ratio", None), ("restart_interval", None),
+                         ("power", None)):
+        if not hasattr(cfg, key):  # a config parsed without titan_linear.config
+            setattr(cfg, key, default)
     schedule = cfg.schedule
     if schedule not in SCHEDULES + DEPRECATED_SCHEDULES:
         raise _bad("lr_scheduler.schedule", schedule, f"one of {', '.join(SCHEDULES)}")
