@@ -217,3 +217,26 @@ def test_live_run_holds_its_dump_folder(capsys, tmp_path):
 def test_config_ok_writes_nothing(capsys, tmp_path):
     rc, err, dump = _check(capsys, tmp_path)
     assert rc == 0 and not dump.exists()
+
+
+# --- the README's set-up works as written ---
+
+def test_debug_config_saves_a_checkpoint_for_generate():
+    """The README runs `generate --checkpoint outputs/debug_model/checkpoint` right after `./dev.sh train`."""
+    job, _ = launch.check(launch.with_config_module(["--job.config_file", DEBUG]))
+    assert job.checkpoint.enable and job.training.steps % job.checkpoint.interval == 0
+    assert job.lr_scheduler.warmup_steps <= job.training.steps
+
+
+def test_relative_config_is_the_callers(tmp_path):
+    """run_train.sh resolves a relative --config against the caller's directory, not the repo's."""
+    import subprocess
+    import sys
+
+    (tmp_path / "mine.toml").write_text(open(DEBUG).read().replace("linear_attn_ratio = 0.5", "linear_attn_ratio = 7"))
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run([os.path.join(ROOT, "run_train.sh"), "--config", "mine.toml"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("titan_linear: error: model.linear_attn_ratio = 7 is not allowed: "
+                                   "a number in [0, 1]"), proc.stderr
