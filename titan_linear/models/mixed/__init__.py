@@ -8,10 +8,10 @@ from torchtitan.protocols.train_spec import TrainSpec
 
 from titan_linear.data import build_dataloader, build_tokenizer, build_validator
 from titan_linear.recipe import train_spec_builders
-from titan_linear.infra.parallelize import parallelize_mixed
 
 from .args import ConfigError, MixedModelArgs
 from .model import LinearAttention, LinearTransformerBlock, MixedTransformer
+from .parallelize import parallelize_mixed
 
 NAME = "llama3_mixed"
 
@@ -54,5 +54,5 @@ def get_train_spec() -> TrainSpec:
 
 __all__ = [
     "NAME", "ConfigError", "MixedModelArgs", "MixedTransformer", "LinearAttention",
-    "LinearTransformerBlock", "mixed_args", "get_train_spec",
+    "LinearTransformerBlock", "mixed_args", "get_train_spec", "parallelize_mixed",
 ]

@@ -13,7 +13,7 @@ from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
 
-from titan_linear.infra.parallelize import parallelize_mixed
+from titan_linear.models.mixed.parallelize import parallelize_mixed
 
 from .report import parameter_report, report_markdown, write_parameter_report
 

@@ -16,7 +16,7 @@ from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.models.llama3.infra.parallelize import parallelize_llama
 
-from .device import is_cpu_run
+from titan_linear.infra.device import is_cpu_run
 
 
 def parallelize_mixed(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
