@@ -177,6 +177,14 @@ def test_bad_oelm_keys_name_key_and_value(flag, value, key):
     assert key in msg and value in msg and "\n" not in msg, msg
 
 
+def test_context_parallel_refused_with_linear_layers():
+    # The one refusal lives in MixedModelArgs.update_from_config, inherited by OELM.
+    with pytest.raises(ValueError) as e:
+        check(_argv("--model.linear_attn_ratio", "0.5", "--parallelism.context_parallel_degree", "2"))
+    msg = str(e.value)
+    assert "parallelism.context_parallel_degree" in msg and "linear" in msg and "\n" not in msg, msg
+
+
 def test_debug_config_checks():
     job, args = check(_argv("--debug.seed", "5"))
     assert job.model.name == "llama3_oelm" and args.oelm_freeze == "qk" and args.frozen_layers == list(range(6))

@@ -1,13 +1,12 @@
-"""Parallelize hook of the hybrid model: torchtitan's llama3 one, plus what the mix needs.
+"""Parallelize hook of the hybrid model: torchtitan's llama3 one, plus what the CPU needs.
 
 The hybrid keeps llama3's module names, so torchtitan's `parallelize_llama`
 (tensor parallel, activation checkpointing, per-block compile, FSDP2/HSDP, DDP,
-float8 through model converters) applies unchanged. Added here:
-- context parallel is refused while the model has linear layers (the op has no
-  CP implementation yet);
-- on a CPU-only machine, FSDP reduce-scatters use a plain sum: gloo has no
-  PREMUL_SUM, and torchtitan already sets the divide factor to 1, so the maths
-  is the same.
+float8 through model converters) applies unchanged. Context parallel is refused
+earlier, in `MixedModelArgs.update_from_config` (args.py), which TorchTitan's
+Trainer and `launch check` run before this hook. Added here: on a CPU-only
+machine, FSDP reduce-scatters use a plain sum: gloo has no PREMUL_SUM, and
+torchtitan already sets the divide factor to 1, so the maths is the same.
 """
 
 import torch.nn as nn
@@ -20,12 +19,6 @@ from titan_linear.infra.device import is_cpu_run
 
 
 def parallelize_mixed(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
-    linear_layers = getattr(model, "linear_layers", [])
-    if parallel_dims.cp_enabled and linear_layers:
-        raise ValueError(
-            f"parallelism.context_parallel_degree = {parallel_dims.cp} is not allowed: 1 when the "
-            f"model has linear-attention layers (here {linear_layers})"
-        )
     model = parallelize_llama(model, parallel_dims, job_config)
     if is_cpu_run():
         for module in model.modules():
