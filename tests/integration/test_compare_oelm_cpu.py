@@ -1,4 +1,4 @@
-"""compare_oelm end to end on the CPU, tiny: both runs train, the table has the comparison's columns."""
+"""scripts/compare_oelm.py end to end on the CPU, tiny: both runs train, the table has the comparison's columns."""
 
 import json
 import re
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 
 def test_compare_oelm_tiny(tmp_path):
     out = tmp_path / "cmp"
-    argv = [sys.executable, "-m", "titan_linear.tools.compare_oelm", "--steps", "4", "--out", str(out),
+    argv = [sys.executable, str(REPO / "scripts" / "compare_oelm.py"), "--steps", "4", "--out", str(out),
             "--seq-len", "64", "--batch", "2", "--val-freq", "2", "--val-steps", "2", "--ngpu", "1",
             "--data", str(REPO / "titan_linear" / "assets" / "data" / "tinyshakespeare.txt"),
             "--", "--model.flavor", "debugmodel", "--metrics.no-enable-tensorboard", "--checkpoint.no-enable"]

@@ -1,7 +1,10 @@
 """Train the GPT / OELM pair on the same data, seed and token budget; write the comparison.
 
-    python -m titan_linear.tools.compare_oelm --steps 2000 --out runs/cmp \\
+    python scripts/compare_oelm.py --steps 2000 --out runs/cmp \\
         --data /path/to/tinyshakespeare.txt [-- any torchtitan override for both runs]
+
+A driver of a repository checkout (it needs run_train.sh and train_configs/), so it
+lives in scripts/, not in the installed package.
 
 Both runs go through run_train.sh with train_configs/medium512_gpt.toml and
 medium512_oelm.toml (change with --gpt-config / --oelm-config), the same
@@ -25,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _STEP = re.compile(r"(?<!validate )\bstep:\s*(\d+)\s+loss:\s*([-+0-9.eEnaif]+)")
 _VAL = re.compile(r"validate step:\s*(\d+)\s+loss:\s*([-+0-9.eEnaif]+)")
