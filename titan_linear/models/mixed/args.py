@@ -11,7 +11,7 @@ from torchtitan.tools.logging import logger
 
 from titan_linear.recipe import check_recipe
 
-from .placement import layer_map_string, linear_layer_ids, PLACEMENTS
+from .placement import layer_map_string, place_layers, PLACEMENTS
 
 
 class ConfigError(ValueError):
@@ -46,7 +46,7 @@ class MixedModelArgs(TransformerModelArgs):
     @property
     def linear_layers(self) -> list[int]:
         """Sorted indices of the linear-attention layers (the placement rule lives in placement.py)."""
-        return linear_layer_ids(
+        return place_layers(
             self.n_layers,
             self.linear_attn_ratio,
             self.linear_attn_placement,
@@ -110,7 +110,7 @@ class MixedModelArgs(TransformerModelArgs):
             raise _bad("model.linear_attn_layers", layers,
                        f"distinct integer layer indices in [0, {n_layers - 1}]; repeated: {dup}")
 
-        ids = linear_layer_ids(n_layers, ratio, placement, layers)
+        ids = place_layers(n_layers, ratio, placement, layers)
         cp = job_config.parallelism.context_parallel_degree
         if ids and cp > 1:
             raise _bad("parallelism.context_parallel_degree", cp,

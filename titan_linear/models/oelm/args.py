@@ -7,7 +7,7 @@ import torch
 from torchtitan.config import JobConfig
 
 from titan_linear.models.mixed.args import _bad, _is_number, MixedModelArgs
-from titan_linear.models.mixed.placement import linear_layer_ids
+from titan_linear.models.mixed.placement import place_layers
 
 # oelm_freeze -> the attention projections (torchtitan's module names) that are fixed.
 FREEZE_MODES = {"qk": ("wq", "wk"), "kv": ("wk", "wv"), "none": ()}
@@ -45,7 +45,7 @@ class OELMModelArgs(MixedModelArgs):
         """Sorted indices of the layers whose `frozen_projections` are fixed orthogonal."""
         if not self.frozen_projections:
             return []
-        return linear_layer_ids(self.n_layers, self.freeze_ratio, "uniform", [])
+        return place_layers(self.n_layers, self.freeze_ratio, "uniform", [])
 
     @property
     def freeze_map(self) -> str:
