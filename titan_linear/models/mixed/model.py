@@ -26,6 +26,25 @@ from titan_linear.models.maps import check_maps
 from .args import MixedModelArgs
 
 
+def component_of(name: str) -> str:
+    """The component of a llama3-family parameter, from its name.
+
+    One of "embeddings", "attention.wq" / "attention.wk" / "attention.wv" / "attention.wo",
+    "feed_forward", "norms" or "output". Wrapper prefixes in the name (activation
+    checkpointing, compile) do not change the answer. Used by `parameter_counts` below
+    and by OELM's parameter report (models/oelm/report.py).
+    """
+    if name.startswith("tok_embeddings"):
+        return "embeddings"
+    if name.startswith("output"):
+        return "output"
+    if ".attention." in name:
+        return "attention." + name.split(".attention.", 1)[1].split(".", 1)[0]
+    if ".feed_forward." in name:
+        return "feed_forward"
+    return "norms"
+
+
 class EfficientAttentionCore(nn.Module):
     """Parameter-free module around the attention op, in the place of torchtitan's
     `inner_attention`, so hooks that look for it (CP, AC) find a module there."""
@@ -90,17 +109,10 @@ class MixedTransformer(Transformer):
             ("embeddings", "softmax_attention", "linear_attention", "feed_forward", "norms", "output"), 0
         )
         for name, p in self.named_parameters():
-            if name.startswith("tok_embeddings"):
-                key = "embeddings"
-            elif name.startswith("output"):
-                key = "output"
-            elif ".attention." in name:
+            key = component_of(name)
+            if key.startswith("attention."):
                 layer = int(name.split(".")[1])
                 key = "linear_attention" if layer in self.linear_layers else "softmax_attention"
-            elif ".feed_forward." in name:
-                key = "feed_forward"
-            else:
-                key = "norms"
             counts[key] += p.numel()
         counts["total"] = sum(counts.values())
         return counts

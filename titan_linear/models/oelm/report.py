@@ -10,24 +10,13 @@ import os
 
 from torch import nn
 
+from titan_linear.models.mixed.model import component_of
+
+# The report's rows, in order (component_of decides each parameter's row).
 COMPONENTS = (
     "embeddings", "attention.wq", "attention.wk", "attention.wv", "attention.wo",
     "feed_forward", "norms", "output",
 )
-
-
-def component_of(name: str) -> str:
-    """The report component of a parameter name of the llama3 family."""
-    if name.startswith("tok_embeddings"):
-        return "embeddings"
-    if name.startswith("output"):
-        return "output"
-    for proj in ("wq", "wk", "wv", "wo"):
-        if f".attention.{proj}." in name:
-            return f"attention.{proj}"
-    if ".feed_forward." in name:
-        return "feed_forward"
-    return "norms"
 
 
 def parameter_report(model: nn.Module) -> dict:
