@@ -23,13 +23,13 @@ from titan_linear.ops.efficient_attn import efficient_attention_step
 from .cache import Caches, is_linear, KVCache
 
 
-def _heads(proj: nn.Module, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+def split_heads(proj: nn.Module, x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """(bs, 1, dim) -> (bs, 1, heads, head_dim); -1 heads as torchtitan's Attention does."""
     return proj(x).view(x.shape[0], 1, -1, head_dim)
 
 
 def _softmax_attention_step(attn: nn.Module, x, cache: KVCache, pos: int, freqs_cis) -> torch.Tensor:
-    xq, xk, xv = (_heads(p, x, attn.head_dim) for p in (attn.wq, attn.wk, attn.wv))
+    xq, xk, xv = (split_heads(p, x, attn.head_dim) for p in (attn.wq, attn.wk, attn.wv))
     xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis[pos : pos + 1])
     cache.write(pos, xk.transpose(1, 2), xv.transpose(1, 2))
     k, v = cache.read(pos + 1)
@@ -38,7 +38,7 @@ def _softmax_attention_step(attn: nn.Module, x, cache: KVCache, pos: int, freqs_
 
 
 def _linear_attention_step(attn: nn.Module, x, caches: Caches, name: str) -> torch.Tensor:
-    xq, xk, xv = (_heads(p, x, attn.head_dim).transpose(1, 2) for p in (attn.wq, attn.wk, attn.wv))
+    xq, xk, xv = (split_heads(p, x, attn.head_dim).transpose(1, 2) for p in (attn.wq, attn.wk, attn.wv))
     out, caches.layers[name] = efficient_attention_step(xq, xk, xv, caches.layers[name])
     return out  # (bs, n_heads, 1, head_dim)
 

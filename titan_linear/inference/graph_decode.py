@@ -23,11 +23,11 @@ from torchtitan.models.llama3.model.model import apply_rotary_emb
 from titan_linear.ops.efficient_attn import efficient_attention_step, RecurrentState
 
 from .cache import Caches, is_linear, KVCache
-from .decode import _heads, check_room, decode_step, through_blocks
+from .decode import check_room, decode_step, split_heads, through_blocks
 
 
 def _softmax_attention(attn: nn.Module, x, cache: KVCache, pos: torch.Tensor, filled: torch.Tensor, freqs_cis):
-    xq, xk, xv = (_heads(p, x, attn.head_dim) for p in (attn.wq, attn.wk, attn.wv))
+    xq, xk, xv = (split_heads(p, x, attn.head_dim) for p in (attn.wq, attn.wk, attn.wv))
     xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis.index_select(0, pos))
     cache.k.index_copy_(2, pos, xk.transpose(1, 2))
     cache.v.index_copy_(2, pos, xv.transpose(1, 2))
@@ -64,7 +64,7 @@ def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, filled:
 
 
 def _linear_attention(attn: nn.Module, x, state: RecurrentState):
-    xq, xk, xv = (_heads(p, x, attn.head_dim).transpose(1, 2) for p in (attn.wq, attn.wk, attn.wv))
+    xq, xk, xv = (split_heads(p, x, attn.head_dim).transpose(1, 2) for p in (attn.wq, attn.wk, attn.wv))
     out, new = efficient_attention_step(xq, xk, xv, state)
     state.S.copy_(new.S)
     state.z.copy_(new.z)

@@ -9,25 +9,10 @@ from torchtitan.config import JobConfig
 from torchtitan.models.llama3.model.args import TransformerModelArgs
 from torchtitan.tools.logging import logger
 
+from titan_linear.config_errors import bad_value, ConfigError, is_int, is_number
 from titan_linear.recipe import check_recipe
 
 from .placement import layer_map_string, place_layers, PLACEMENTS
-
-
-class ConfigError(ValueError):
-    """A bad setting in the job config; the message names the key, value and what is allowed."""
-
-
-def _bad(key: str, value, allowed: str) -> ConfigError:
-    return ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass
@@ -73,55 +58,56 @@ class MixedModelArgs(TransformerModelArgs):
         for key, owner in self.FOREIGN_KEYS.items():
             value = getattr(m, key, None)
             if value is not None:
-                raise _bad(f"model.{key}", value, f"unset for model.name = {m.name!r} (it applies to {owner} only)")
+                raise bad_value(f"model.{key}", value,
+                                f"unset for model.name = {m.name!r} (it applies to {owner} only)")
         # The recipe (optimizer groups, schedules, monitoring) is checked here for every model.
         for note in check_recipe(job_config):
             logger.warning(note)
         shape = {}
         for key in ("n_layers", "dim", "n_heads", "n_kv_heads", "vocab_size"):
             value = getattr(m, key, 0)
-            if not _is_int(value) or value < 0:
-                raise _bad(f"model.{key}", value, "a positive integer, or 0 to keep the flavor's")
+            if not is_int(value) or value < 0:
+                raise bad_value(f"model.{key}", value, "a positive integer, or 0 to keep the flavor's")
             shape[key] = value or (getattr(self, key) if key != "n_kv_heads" else None)
         n_layers, dim, n_heads = shape["n_layers"], shape["dim"], shape["n_heads"]
         n_kv_heads = shape["n_kv_heads"] or self.n_kv_heads or n_heads
         where = f"(flavor {m.flavor!r})"
         if dim % n_heads:
-            raise _bad("model.n_heads", n_heads, f"a divisor of model.dim = {dim} {where}")
+            raise bad_value("model.n_heads", n_heads, f"a divisor of model.dim = {dim} {where}")
         if (dim // n_heads) % 2:
-            raise _bad("model.n_heads", n_heads,
-                       f"a value giving an even head dim (dim {dim} / n_heads is odd; RoPE needs pairs) {where}")
+            raise bad_value("model.n_heads", n_heads,
+                            f"a value giving an even head dim (dim {dim} / n_heads is odd; RoPE needs pairs) {where}")
         if n_heads % n_kv_heads:
-            raise _bad("model.n_kv_heads", n_kv_heads, f"a divisor of model.n_heads = {n_heads} {where}")
+            raise bad_value("model.n_kv_heads", n_kv_heads, f"a divisor of model.n_heads = {n_heads} {where}")
 
         ratio = getattr(m, "linear_attn_ratio", 0.0)
-        if not _is_number(ratio) or not math.isfinite(ratio) or not 0.0 <= ratio <= 1.0:
-            raise _bad("model.linear_attn_ratio", ratio, "a number in [0, 1]")
+        if not is_number(ratio) or not math.isfinite(ratio) or not 0.0 <= ratio <= 1.0:
+            raise bad_value("model.linear_attn_ratio", ratio, "a number in [0, 1]")
         placement = getattr(m, "linear_attn_placement", "uniform")
         if placement not in PLACEMENTS:
-            raise _bad("model.linear_attn_placement", placement, f"one of {', '.join(PLACEMENTS)}")
+            raise bad_value("model.linear_attn_placement", placement, f"one of {', '.join(PLACEMENTS)}")
         layers = list(getattr(m, "linear_attn_layers", []) or [])
         for i in layers:
-            if not _is_int(i) or not 0 <= i < n_layers:
-                raise _bad("model.linear_attn_layers", layers,
-                           f"distinct integer layer indices in [0, {n_layers - 1}]; {i!r} is not")
+            if not is_int(i) or not 0 <= i < n_layers:
+                raise bad_value("model.linear_attn_layers", layers,
+                                f"distinct integer layer indices in [0, {n_layers - 1}]; {i!r} is not")
         if len(set(layers)) != len(layers):
             dup = sorted({i for i in layers if layers.count(i) > 1})
-            raise _bad("model.linear_attn_layers", layers,
-                       f"distinct integer layer indices in [0, {n_layers - 1}]; repeated: {dup}")
+            raise bad_value("model.linear_attn_layers", layers,
+                            f"distinct integer layer indices in [0, {n_layers - 1}]; repeated: {dup}")
 
         ids = place_layers(n_layers, ratio, placement, layers)
         cp = job_config.parallelism.context_parallel_degree
         if ids and cp > 1:
-            raise _bad("parallelism.context_parallel_degree", cp,
-                       "1 when the model has linear-attention layers (context parallel "
-                       "for linear attention is not supported yet)")
+            raise bad_value("parallelism.context_parallel_degree", cp,
+                            "1 when the model has linear-attention layers (context parallel "
+                            "for linear attention is not supported yet)")
 
         val = job_config.validation
         if val.enable and val.seq_len > job_config.training.seq_len:
-            raise _bad("validation.seq_len", val.seq_len,
-                       f"at most training.seq_len = {job_config.training.seq_len} (RoPE tables are "
-                       "sized to the training length)")
+            raise bad_value("validation.seq_len", val.seq_len,
+                            f"at most training.seq_len = {job_config.training.seq_len} (RoPE tables are "
+                            "sized to the training length)")
 
         if layers and ratio:
             logger.warning(f"model.linear_attn_layers={layers} overrides model.linear_attn_ratio={ratio}")

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 from torchtitan.config import JobConfig
 
-from titan_linear.models.mixed.args import _bad, _is_number, MixedModelArgs
+from titan_linear.config_errors import bad_value, is_number
+from titan_linear.models.mixed.args import MixedModelArgs
 from titan_linear.models.mixed.placement import place_layers
 
 # oelm_freeze -> the attention projections (torchtitan's module names) that are fixed.
@@ -66,10 +67,10 @@ class OELMModelArgs(MixedModelArgs):
         m = job_config.model
         mode = "qk" if m.oelm_freeze is None else m.oelm_freeze
         if mode not in FREEZE_MODES:
-            raise _bad("model.oelm_freeze", mode, f"one of {', '.join(FREEZE_MODES)}")
+            raise bad_value("model.oelm_freeze", mode, f"one of {', '.join(FREEZE_MODES)}")
         ratio = 1.0 if m.freeze_ratio is None else m.freeze_ratio
-        if not _is_number(ratio) or not math.isfinite(ratio) or not 0.0 <= ratio <= 1.0:
-            raise _bad("model.freeze_ratio", ratio, "a number in [0, 1]")
+        if not is_number(ratio) or not math.isfinite(ratio) or not 0.0 <= ratio <= 1.0:
+            raise bad_value("model.freeze_ratio", ratio, "a number in [0, 1]")
         super().update_from_config(job_config, **kwargs)
         self.oelm_freeze = mode
         self.freeze_ratio = float(ratio)
