@@ -1,6 +1,7 @@
 """The hybrid llama3 train spec ("llama3_mixed"): flavors and TorchTitan builders."""
 
 from dataclasses import fields
+from typing import Callable
 
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.models.llama3 import llama3_args
@@ -39,11 +40,21 @@ mixed_args = {
 }
 
 
-def get_train_spec() -> TrainSpec:
+def build_train_spec(model_cls: type, model_args: dict, parallelize_fn: Callable) -> TrainSpec:
+    """The TrainSpec of a llama3-family model of this package (the hybrid and OELM).
+
+    Every model gets the same pipelining (llama3's), data builders and training recipe
+    (`recipe.train_spec_builders`), so none can silently miss one.
+
+    Args:
+        model_cls: the model class, built from one of `model_args`.
+        model_args: flavor name -> model arguments.
+        parallelize_fn: the model's parallelize hook.
+    """
     return TrainSpec(
-        model_cls=MixedTransformer,
-        model_args=mixed_args,
-        parallelize_fn=parallelize_mixed,
+        model_cls=model_cls,
+        model_args=model_args,
+        parallelize_fn=parallelize_fn,
         pipelining_fn=pipeline_llm,
         build_dataloader_fn=build_dataloader,
         build_tokenizer_fn=build_tokenizer,
@@ -52,7 +63,11 @@ def get_train_spec() -> TrainSpec:
     )
 
 
+def get_train_spec() -> TrainSpec:
+    return build_train_spec(MixedTransformer, mixed_args, parallelize_mixed)
+
+
 __all__ = [
     "NAME", "ConfigError", "MixedModelArgs", "MixedTransformer", "LinearAttention",
-    "LinearTransformerBlock", "mixed_args", "get_train_spec", "parallelize_mixed",
+    "LinearTransformerBlock", "mixed_args", "build_train_spec", "get_train_spec", "parallelize_mixed",
 ]

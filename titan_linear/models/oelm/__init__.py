@@ -11,12 +11,9 @@ Hidden widths: llama3 takes int(2 * 4d / 3), times ffn_dim_multiplier 1.5, round
 to multiple_of 256, which gives exactly 4d for these widths.
 """
 
-from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.protocols.train_spec import TrainSpec
 
-from titan_linear.data import build_dataloader, build_tokenizer, build_validator
-from titan_linear.models.mixed import mixed_args
-from titan_linear.recipe import train_spec_builders
+from titan_linear.models.mixed import build_train_spec, mixed_args
 
 from .args import FREEZE_MODES, OELMModelArgs
 from .model import OELMTransformer, orthogonal_weight
@@ -49,16 +46,7 @@ oelm_args = {
 
 
 def get_train_spec() -> TrainSpec:
-    return TrainSpec(
-        model_cls=OELMTransformer,
-        model_args=oelm_args,
-        parallelize_fn=parallelize_oelm,
-        pipelining_fn=pipeline_llm,
-        build_dataloader_fn=build_dataloader,
-        build_tokenizer_fn=build_tokenizer,
-        build_validator_fn=build_validator,
-        **train_spec_builders(),
-    )
+    return build_train_spec(OELMTransformer, oelm_args, parallelize_oelm)
 
 
 __all__ = [
