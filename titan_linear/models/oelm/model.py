@@ -19,14 +19,12 @@ LinearAttention keeps the same wq/wk/wv, so freezing means the same thing there.
 """
 
 import torch
-from torch import nn
 from torch.distributed.tensor import distribute_tensor, DTensor
 from torchtitan.tools.logging import logger
 
 from titan_linear.models.mixed.model import MixedTransformer
 
 from .args import OELMModelArgs, PROJECTIONS
-
 
 
 def orthogonal_weight(shape: tuple[int, int], seed: int) -> torch.Tensor:
@@ -77,10 +75,3 @@ class OELMTransformer(MixedTransformer):
                         weight.copy_(local)
                     else:
                         weight.copy_(full)
-
-
-def trainable_and_frozen(model: nn.Module) -> tuple[int, int]:
-    """(trainable, frozen) parameter counts; DTensors count with their global size."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    return trainable, frozen
