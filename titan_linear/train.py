@@ -26,7 +26,7 @@ from torchtitan.train import Trainer as TorchTitanTrainer
 
 from titan_linear.checkpoint import CheckpointError
 from titan_linear.recipe.monitor import (
-    check_finite_weights, checked_grad_norm, nonfinite_message, NonFiniteError,
+    check_finite_loss, check_finite_weights, checked_grad_norm, nonfinite_message, NonFiniteError,
 )
 
 # Failures a user fixes by changing the config, the data or the checkpoint.
@@ -52,6 +52,12 @@ class Trainer(TorchTitanTrainer):
             return save(curr_step, last_step=last_step)
 
         self.checkpointer.save = finite_save
+
+    def forward_backward_step(self, *args, **kwargs):
+        loss = super().forward_backward_step(*args, **kwargs)
+        if self.job_config.monitor.stop_on_nonfinite:
+            check_finite_loss(loss)
+        return loss
 
     def train_step(self, data_iterator):
         try:

@@ -3,8 +3,9 @@
 - AdamW / Adam with no weight decay on biases and norm weights (`optim.py`);
 - LR schedules TorchTitan lacks, with its warmup and floor (`schedules.py`);
 - run monitoring: a NaN/Inf loss or gradient norm stops the run before the optimizer
-  step, no non-finite checkpoint is written, gradient-norm spikes are logged, a
-  progress line gives step N/total and the ETA (`monitor.py`).
+  step, no non-finite checkpoint is written (both in titan_linear/train.py's Trainer),
+  gradient-norm spikes are logged, a progress line gives step N/total and the ETA
+  (`monitor.py`).
 
 `train_spec_builders` gives the TrainSpec fields that carry the recipe, so each model's
 `get_train_spec()` takes them all; `check_recipe` checks every recipe key for every model,
@@ -12,7 +13,7 @@ so no key is silently ignored. docs/recipe.md describes the recipe.
 """
 
 from .monitor import (
-    build_checked_loss_fn, build_monitored_metrics_processor, check_finite_weights, check_monitor_config,
+    build_monitored_metrics_processor, check_finite_loss, check_finite_weights, check_monitor_config,
     checked_grad_norm, NonFiniteError, NonFiniteLossError,
 )
 from .optim import build_grouped_optimizers, check_optimizer_config, GroupedOptimizersContainer, no_decay
@@ -20,13 +21,10 @@ from .schedules import build_recipe_lr_schedulers, check_schedule_config, SCHEDU
 
 
 def train_spec_builders() -> dict:
-    """The TrainSpec builder fields of the recipe (optimizers, schedules, loss check, metrics)."""
-    from torchtitan.components.loss import build_cross_entropy_loss
-
+    """The TrainSpec builder fields of the recipe (optimizers, schedules, metrics)."""
     return dict(
         build_optimizers_fn=build_grouped_optimizers,
         build_lr_schedulers_fn=build_recipe_lr_schedulers,
-        build_loss_fn=build_checked_loss_fn(build_cross_entropy_loss),
         build_metrics_processor_fn=build_monitored_metrics_processor,
     )
 
@@ -43,7 +41,7 @@ def check_recipe(job_config) -> list[str]:
 
 
 __all__ = [
-    "build_checked_loss_fn", "build_monitored_metrics_processor", "build_grouped_optimizers",
+    "build_monitored_metrics_processor", "check_finite_loss", "build_grouped_optimizers",
     "check_finite_weights", "check_recipe", "checked_grad_norm", "GroupedOptimizersContainer",
     "no_decay", "NonFiniteError", "NonFiniteLossError", "build_recipe_lr_schedulers", "SCHEDULES",
     "schedule_factor", "train_spec_builders",

@@ -1,7 +1,8 @@
 """Run monitoring through TorchTitan's hooks: non-finite stops, gradient-norm spikes, progress.
 
-- A NaN/Inf loss: the TrainSpec's loss function is wrapped; a non-finite loss raises
-  in the forward of the step, before backward and the optimizer step.
+- A NaN/Inf loss: `check_finite_loss` on each micro-batch's loss, after its backward
+  and before the optimizer step. (Not inside the loss function: pipeline parallel
+  calls that on uninitialised tensors to infer shapes.)
 - A NaN/Inf gradient norm (the loss can be finite while a gradient overflows):
   `checked_grad_norm` wraps TorchTitan's `clip_grad_norm_` for the duration of one
   train step and raises after the norm is computed and before the optimizer steps.
@@ -13,7 +14,8 @@
   step exceeds `monitor.grad_norm_warn`, and adds a progress line (step N/total, ETA).
 
 `monitor.stop_on_nonfinite = false` turns the stops off (the checkpoint check stays).
-Each check costs one host sync per step (per micro-batch for the loss).
+Each check costs one host sync per step (per micro-batch for the loss). The stops live
+in titan_linear's Trainer (titan_linear/train.py), which `run_train.sh` runs.
 """
 
 import contextlib
@@ -23,6 +25,8 @@ import time
 import torch
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.tools.logging import logger
+
+from titan_linear.config_errors import bad_value, is_number
 
 _HINT = "lower optimizer.lr, raise lr_scheduler.warmup_steps or training.max_norm, or check the data"
 
@@ -43,29 +47,15 @@ def check_monitor_config(cfg) -> list[str]:
                      f"(set to {cfg.stop_on_nonfinite_loss} for this run)")
         cfg.stop_on_nonfinite, cfg.stop_on_nonfinite_loss = bool(cfg.stop_on_nonfinite_loss), None
     warn = cfg.grad_norm_warn
-    if isinstance(warn, bool) or not isinstance(warn, (int, float)) or not warn > 0:
-        raise ValueError(f"monitor.grad_norm_warn = {warn!r} is not allowed: a number > 0")
+    if not is_number(warn) or not warn > 0:
+        raise bad_value("monitor.grad_norm_warn", warn, "a number > 0")
     return notes
 
 
-def build_checked_loss_fn(build_loss_fn):
-    """Wrap a TrainSpec `build_loss_fn` so that its loss function refuses a non-finite loss."""
-
-    def build(job_config, **kwargs):
-        loss_fn = build_loss_fn(job_config, **kwargs)
-        if not job_config.monitor.stop_on_nonfinite:
-            return loss_fn
-
-        def checked(pred, labels):
-            loss = loss_fn(pred, labels)
-            if not bool(torch.isfinite(loss.detach()).all()):
-                value = loss.detach().float().sum().item()
-                raise NonFiniteLossError(f"non-finite loss ({value})")
-            return loss
-
-        return checked
-
-    return build
+def check_finite_loss(loss: torch.Tensor) -> None:
+    """Raise NonFiniteLossError when a micro-batch's loss is NaN or Inf (one host sync)."""
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise NonFiniteLossError(f"non-finite loss ({loss.detach().float().sum().item()})")
 
 
 @contextlib.contextmanager

@@ -25,12 +25,10 @@ import math
 from torchtitan.components.lr_scheduler import build_lr_schedulers, LRSchedulersContainer
 from torchtitan.tools.logging import logger
 
+from titan_linear.config_errors import bad_value, is_int, is_number
+
 SCHEDULES = ("torchtitan", "cosine_restarts", "polynomial")
 DEPRECATED_SCHEDULES = ("cosine",)
-
-
-def _bad(key: str, value, allowed: str) -> ValueError:
-    return ValueError(f"{key} = {value!r} is not allowed: {allowed}")
 
 
 def schedule_factor(step: int, *, schedule: str, warmup: int, total: int, min_ratio: float,
@@ -46,7 +44,7 @@ def schedule_factor(step: int, *, schedule: str, warmup: int, total: int, min_ra
     if schedule == "polynomial":
         p = min(1.0, (step - warmup) / span)
         return min_ratio + (1 - min_ratio) * (1 - p) ** power
-    raise _bad("lr_scheduler.schedule", schedule, f"one of {', '.join(SCHEDULES)}")
+    raise bad_value("lr_scheduler.schedule", schedule, f"one of {', '.join(SCHEDULES)}")
 
 
 def check_schedule_config(cfg) -> list[str]:
@@ -62,7 +60,7 @@ def check_schedule_config(cfg) -> list[str]:
             setattr(cfg, key, default)
     schedule = cfg.schedule
     if schedule not in SCHEDULES + DEPRECATED_SCHEDULES:
-        raise _bad("lr_scheduler.schedule", schedule, f"one of {', '.join(SCHEDULES)}")
+        raise bad_value("lr_scheduler.schedule", schedule, f"one of {', '.join(SCHEDULES)}")
     if cfg.min_lr_ratio is not None:
         notes.append(
             f"titan_linear: lr_scheduler.min_lr_ratio is deprecated: use TorchTitan's "
@@ -71,7 +69,7 @@ def check_schedule_config(cfg) -> list[str]:
         cfg.min_lr_factor, cfg.min_lr_ratio = cfg.min_lr_ratio, None
     if schedule == "cosine":
         if cfg.decay_type not in ("linear", "cosine"):
-            raise _bad("lr_scheduler.decay_type", cfg.decay_type,
+            raise bad_value("lr_scheduler.decay_type", cfg.decay_type,
                        "unset with the deprecated lr_scheduler.schedule = 'cosine', which sets it to 'cosine'")
         notes.append(
             "titan_linear: lr_scheduler.schedule = 'cosine' is deprecated: use TorchTitan's "
@@ -80,29 +78,29 @@ def check_schedule_config(cfg) -> list[str]:
         cfg.schedule, cfg.decay_type = "torchtitan", "cosine"
         schedule = "torchtitan"
     m = cfg.min_lr_factor
-    if not isinstance(m, (int, float)) or not 0.0 <= m <= 1.0:
-        raise _bad("lr_scheduler.min_lr_factor", m, "a number in [0, 1]")
-    if cfg.warmup_steps < 0:
-        raise _bad("lr_scheduler.warmup_steps", cfg.warmup_steps, "an integer >= 0")
+    if not is_number(m) or not 0.0 <= m <= 1.0:
+        raise bad_value("lr_scheduler.min_lr_factor", m, "a number in [0, 1]")
+    if not is_int(cfg.warmup_steps) or cfg.warmup_steps < 0:
+        raise bad_value("lr_scheduler.warmup_steps", cfg.warmup_steps, "an integer >= 0")
     if cfg.restart_interval is not None:
         if schedule != "cosine_restarts":
-            raise _bad("lr_scheduler.restart_interval", cfg.restart_interval,
+            raise bad_value("lr_scheduler.restart_interval", cfg.restart_interval,
                        f"unset unless lr_scheduler.schedule = 'cosine_restarts' (it is {schedule!r})")
-        if cfg.restart_interval < 0:
-            raise _bad("lr_scheduler.restart_interval", cfg.restart_interval, "steps >= 0 (0: one cycle)")
+        if not is_int(cfg.restart_interval) or cfg.restart_interval < 0:
+            raise bad_value("lr_scheduler.restart_interval", cfg.restart_interval, "steps >= 0 (0: one cycle)")
     if cfg.power is not None:
         if schedule != "polynomial":
-            raise _bad("lr_scheduler.power", cfg.power,
+            raise bad_value("lr_scheduler.power", cfg.power,
                        f"unset unless lr_scheduler.schedule = 'polynomial' (it is {schedule!r})")
-        if not cfg.power > 0:
-            raise _bad("lr_scheduler.power", cfg.power, "a number > 0")
+        if not is_number(cfg.power) or not cfg.power > 0:
+            raise bad_value("lr_scheduler.power", cfg.power, "a number > 0")
     if schedule != "torchtitan":
         # TorchTitan's own decay keys shape only its own schedule.
         if cfg.decay_ratio is not None:
-            raise _bad("lr_scheduler.decay_ratio", cfg.decay_ratio,
+            raise bad_value("lr_scheduler.decay_ratio", cfg.decay_ratio,
                        f"unset with lr_scheduler.schedule = {schedule!r} (it shapes only 'torchtitan')")
         if cfg.decay_type != "linear":
-            raise _bad("lr_scheduler.decay_type", cfg.decay_type,
+            raise bad_value("lr_scheduler.decay_type", cfg.decay_type,
                        f"unset with lr_scheduler.schedule = {schedule!r} (it shapes only 'torchtitan')")
     return notes
 

@@ -3,6 +3,7 @@
 from dataclasses import fields
 from typing import Callable
 
+from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.models.llama3 import llama3_args
 from torchtitan.protocols.train_spec import TrainSpec
@@ -59,6 +60,7 @@ def build_train_spec(model_cls: type, model_args: dict, parallelize_fn: Callable
         build_dataloader_fn=build_dataloader,
         build_tokenizer_fn=build_tokenizer,
         build_validator_fn=build_validator,
+        build_loss_fn=build_cross_entropy_loss,
         **train_spec_builders(),
     )
 
