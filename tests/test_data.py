@@ -311,17 +311,17 @@ def test_torchtitan_text_loader_reads_registered_datasets(tokenizer):
 @pytest.mark.parametrize(
     "dataset, path, message",
     [
-        pytest.param("shakespeare", None, "training.dataset = 'shakespeare': unknown dataset; allowed: ", id="unknown"),
+        pytest.param("shakespeare", None, "training.dataset = 'shakespeare' is not allowed: unknown dataset; allowed: ", id="unknown"),
         pytest.param("text", None, "training.dataset_path is not set: dataset 'text' reads a .txt", id="unset"),
-        pytest.param("text", "/no/such.txt", "training.dataset_path = '/no/such.txt': no such file", id="missing"),
+        pytest.param("text", "/no/such.txt", "training.dataset_path = '/no/such.txt' is not allowed: no such file", id="missing"),
         pytest.param("text", "DATA/empty", "directory has no such files", id="empty-dir"),
         pytest.param("jsonl", "DATA/a.txt", "wrong file extension", id="jsonl-ext"),
         pytest.param("tokens", "DATA/a.txt", "wrong file extension", id="tokens-ext"),
-        pytest.param("tokens", "/no/a.bin", "training.dataset_path = '/no/a.bin': no such file", id="tokens-missing"),
+        pytest.param("tokens", "/no/a.bin", "training.dataset_path = '/no/a.bin' is not allowed: no such file", id="tokens-missing"),
         pytest.param("tokens", "DATA/odd.bin", "not a multiple of 2 B", id="tokens-odd-size"),
         pytest.param("tokens", "DATA/short.npy", "fewer than one window", id="tokens-short"),
         pytest.param("hf", "no/such/path", "no such local path, nor a hub id", id="not-a-hub-id"),
-        pytest.param("c4_test", None, "training.dataset = 'c4_test': reads tests/assets/c4_test", id="c4_test"),
+        pytest.param("c4_test", None, "training.dataset = 'c4_test' is not allowed: reads tests/assets/c4_test", id="c4_test"),
     ],
 )
 def test_build_dataloader_errors(tokenizer, data_files, dataset, path, message):
@@ -339,14 +339,14 @@ def test_build_dataloader_errors(tokenizer, data_files, dataset, path, message):
 
 def test_build_validation_dataloader_error_names_validation_key(tokenizer):
     cfg = job_config("--validation.dataset", "jsonl", "--validation.dataset_path", "/no/v.jsonl")
-    with pytest.raises(ValueError, match=r"^validation.dataset_path = '/no/v.jsonl': no such file"):
+    with pytest.raises(ValueError, match=r"^validation.dataset_path = '/no/v.jsonl' is not allowed: no such file"):
         build_validation_dataloader(1, 0, tokenizer, cfg)
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        pytest.param(["--training.dataset", "c4"], "training.dataset = 'c4': dataset 'c4' streams", id="c4"),
+        pytest.param(["--training.dataset", "c4"], "training.dataset = 'c4' is not allowed: dataset 'c4' streams", id="c4"),
         pytest.param(["--training.dataset", "tinystories"], "training.dataset = 'tinystories'", id="tinystories"),
         pytest.param(
             ["--training.dataset", "hf", "--training.dataset_path", "org/corpus"],

@@ -45,7 +45,7 @@ def build_dataset(
     name = dataset.lower()
     if name not in dataset_names():
         allowed = ", ".join(dataset_names())
-        raise ValueError(f"{section}.dataset = {dataset!r}: unknown dataset; allowed: {allowed}")
+        raise ValueError(f"{section}.dataset = {dataset!r} is not allowed: unknown dataset; allowed: {allowed}")
     if tokenizer is None:
         raise ValueError(
             f"{section}.dataset = {dataset!r} needs a tokenizer; the train spec built none"

@@ -68,7 +68,7 @@ def check_source(section: str, dataset: str, path: str | None, vocab_size: int) 
     name = (dataset or "").lower()
     try:
         if name not in dataset_names():
-            raise DataConfigError("dataset", dataset, f"one of {', '.join(dataset_names())}")
+            raise DataConfigError("dataset", dataset, f"unknown dataset; allowed: {', '.join(dataset_names())}")
         if name == "tokens":
             open_token_file(path, vocab_size)
         elif name == "text":

@@ -86,7 +86,7 @@ class DataConfigError(ValueError):
     def __init__(self, key: str, value: Any, reason: str, section: str | None = None):
         self.key, self.value, self.reason, self.section = key, value, reason, section
         full_key = f"{section}.{key}" if section else key
-        setting = f"{full_key} is not set" if value in (None, "") else f"{full_key} = {value!r}"
+        setting = f"{full_key} is not set" if value in (None, "") else f"{full_key} = {value!r} is not allowed"
         super().__init__(f"{setting}: {reason}")
 
     def in_section(self, section: str) -> "DataConfigError":
