@@ -2,7 +2,8 @@
 
 `efficient_attention` is what models call. `naive.py` holds the fp32 references (quadratic and
 recurrent) and the one-token decoding step; `chunk.py` holds the plain-torch chunked form;
-`triton_op.py` the fast GPU path (Triton kernels behind torch custom ops).
+`triton_op.py` the fast GPU path (Triton kernels behind torch custom ops, launched with the
+parameters `triton_tuning.py`'s table gives per head dim and dtype).
 
 The implementation is chosen per call (`_select_impl`): the Triton path for CUDA tensors it
 supports, the chunked torch path otherwise. The environment variable TITAN_LINEAR_ATTN_IMPL

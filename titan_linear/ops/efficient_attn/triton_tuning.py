@@ -82,26 +82,42 @@ def _check(cfg: LaunchConfig) -> LaunchConfig:
 # Products' operands per input dtype (see LaunchConfig.prec).
 _PREC = {torch.bfloat16: "bf16", torch.float16: "tf32", torch.float32: "ieee"}
 
-# Tile shapes and warps per head dim. What was measured (benchmarks/results/tune_h100.json: an
-# H100, bf16, head dim 64, T = 2K / 8K / 64K, chunk × sub-chunk × warps):
-#   chunk 256, sub-chunk 16, 4 warps won: 2.92 ms at 2K, against 2.97 (256/32/4), 3.23
-#   (512/32/4), 3.26 (128/16/4), 3.19 (128/32/4), 3.96 (128/32/8), 5.16-5.25 (chunk 64),
-#   8.06-8.55 (sub-chunk 64). 4 warps beat 8 at head dim 64 (more programs per SM hide the
-#   latency of each program's chain of small products).
-# Not swept: head dim 128 keeps 8 warps (its (d_k, d_v) fp32 state alone is 128 registers per
-# thread at 4 warps); head dims 16 and 32 take head dim 64's entry; fp16 and fp32 take bf16's
-# tiles; the scans' 8 chunks × 64 elements were never swept. Each is the default the kernels
-# had before this table. benchmarks/results/README.md ("Tuning table") has the measurements
-# behind any entry changed since.
-_TILES = {
-    16: dict(chunk=256, sub_chunk=16, warps=4),   # not measured: head dim 64's entry
-    32: dict(chunk=256, sub_chunk=16, warps=4),   # not measured: head dim 64's entry
-    64: dict(chunk=256, sub_chunk=16, warps=4),   # measured (bf16, H100): the winner above
-    128: dict(chunk=256, sub_chunk=16, warps=8),  # not measured on the H100: the old default
+# Tile shapes and warps per (head dim, dtype). What was measured, bf16 fwd+bwd, 65,536 tokens
+# per call, 16 heads (benchmarks/tune_attention.py; numbers in benchmarks/results/README.md):
+# - H100 (tune_h100.json, head dim 64, T = 2K / 8K / 64K, kernels of 2026-11-22): chunk 256,
+#   sub-chunk 16, 4 warps won at 2.92 ms (2K) against 2.97 (256/32/4), 3.19-3.21 (128/32/4),
+#   3.23 (512/32/4), 3.26 (128/16/4), 3.96-4.02 (128/32/8), 5.16-5.25 (chunk 64), 8.06-8.55
+#   (sub-chunk 64); 512/16 was not tried. 4 warps beat 8 at head dim 64 (more programs per SM
+#   hide the latency of each program's chain of small products).
+# - H200 (tune_h200.json, T = 8K): chunk 512 beat 256 at sub-chunk 16 with the warps kept:
+#   head dim 64, 512/16/4 2.61 ms against 256/16/4 2.74 (128/16/4 3.02, 256/32/8 3.57);
+#   head dim 128, 512/16/8 9.76 against 256/16/8 10.28 (256/32/8 10.79, 128/16/8 11.47,
+#   any 4-warp candidate 14.3-16.0: its (d_k, d_v) fp32 state alone is 128 registers per
+#   thread at 4 warps). attention_h200_tuning.json has them at T = 2K-64K against the old 256.
+#   Chunk 1024 was faster still at 8K (2.55 and 9.51 ms) but was timed at no other T.
+# Not measured, so the defaults the kernels had before this table (chunk 256, sub-chunk 16,
+# 4 warps up to head dim 64, 8 at 128): every fp16 and fp32 entry and head dims 16 and 32. The
+# scans' 8 chunks x 64 elements were never swept. A larger chunk also sends more positions to
+# the exact kernels when one of its sub-chunks' keys spread past `span` (triton_diag.py).
+_BF16, _FP16, _FP32 = torch.bfloat16, torch.float16, torch.float32
+_TILES = {  # (head dim, dtype): (chunk, sub_chunk, warps)
+    (16, _BF16): (256, 16, 4),   # not measured
+    (16, _FP16): (256, 16, 4),   # not measured
+    (16, _FP32): (256, 16, 4),   # not measured
+    (32, _BF16): (256, 16, 4),   # not measured
+    (32, _FP16): (256, 16, 4),   # not measured
+    (32, _FP32): (256, 16, 4),   # not measured
+    (64, _BF16): (512, 16, 4),   # measured: H200 (above)
+    (64, _FP16): (256, 16, 4),   # not measured
+    (64, _FP32): (256, 16, 4),   # not measured
+    (128, _BF16): (512, 16, 8),  # measured: H200 (above)
+    (128, _FP16): (256, 16, 8),  # not measured
+    (128, _FP32): (256, 16, 8),  # not measured
 }
 
 TABLE: dict[tuple[int, torch.dtype], LaunchConfig] = {
-    (d, dtype): _check(LaunchConfig(**tiles, prec=_PREC[dtype])) for d, tiles in _TILES.items() for dtype in DTYPES
+    (d, dtype): _check(LaunchConfig(chunk, sub_chunk, warps, prec=_PREC[dtype]))
+    for (d, dtype), (chunk, sub_chunk, warps) in _TILES.items()
 }
 
 _active = TABLE  # what launch_config reads: TABLE, or TABLE with an override's fields replaced
