@@ -1,21 +1,26 @@
 """Small builders shared by the tests."""
 
 import copy
+from pathlib import Path
 
 import torch
 
-from titan_linear.models.mixed import mixed_args, MixedModelArgs, MixedTransformer
+REPO = Path(__file__).resolve().parents[1]
+DEBUG_TOML = str(REPO / "train_configs" / "debug_model.toml")
+OELM_TOML = str(REPO / "train_configs" / "debug_oelm.toml")
+
+from titan_linear.models.hybrid import hybrid_args, HybridModelArgs, HybridTransformer
 
 
-def debug_args(**changes) -> MixedModelArgs:
-    args = copy.deepcopy(mixed_args["debugmodel"])
+def debug_args(**changes) -> HybridModelArgs:
+    args = copy.deepcopy(hybrid_args["debugmodel"])
     args.max_seq_len = 64
     for k, v in changes.items():
         setattr(args, k, v)
     return args
 
 
-def build(args, seed: int = 0, cls=MixedTransformer):
+def build(args, seed: int = 0, cls=HybridTransformer):
     """Build `cls(args)` on meta, then materialise and init_weights as torchtitan's Trainer does."""
     with torch.device("meta"):
         model = cls(args)

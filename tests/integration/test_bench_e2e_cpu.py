@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.integration.test_train_cpu import _env, _run, _tail, REPO
+from tests.integration.harness import clean_env, run_train, tail, REPO
 
 pytestmark = pytest.mark.integration
 
@@ -20,8 +20,8 @@ def test_e2e_bench_two_processes_writes_a_row(tmp_path):
     argv = [sys.executable, str(REPO / "benchmarks" / "e2e_train.py"), "--configs", "debug_model",
             "--seq-lens", "64:2", "--steps", "12", "--log-freq", "1", "--ngpu", "2", "--out", str(out),
             "--log-dir", str(tmp_path / "logs"), "--device", "cpu"]
-    proc = _run(argv, env=_env())
-    assert proc.returncode == 0, _tail(proc.stdout)
+    proc = run_train(argv, env=clean_env())
+    assert proc.returncode == 0, tail(proc.stdout)
     (row,) = json.loads(out.read_text())
     assert row["returncode"] == 0, row.get("error")
     assert (row["config"], row["seq_len"], row["local_batch_size"], row["ngpu"]) == ("debug_model", 64, 2, 2)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.integration.test_train_cpu import _run, REPO
+from tests.integration.harness import run_train, REPO
 
 pytestmark = pytest.mark.integration
 
@@ -17,7 +17,7 @@ def test_compare_oelm_tiny(tmp_path):
             "--seq-len", "64", "--batch", "2", "--val-freq", "2", "--val-steps", "2", "--ngpu", "1",
             "--data", str(REPO / "titan_linear" / "assets" / "data" / "tinyshakespeare.txt"),
             "--", "--model.flavor", "debugmodel", "--metrics.no-enable-tensorboard", "--checkpoint.no-enable"]
-    proc = _run(argv, timeout=400, merge=False)
+    proc = run_train(argv, timeout=400, merge=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     md = (out / "comparison.md").read_text()
     assert "| Model | Val Loss | Val PPL | Relative gap (PPL) | Total params | Trainable params |" in md

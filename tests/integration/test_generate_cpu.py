@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.integration.test_train_cpu import _ckpt_args, _env, _run, _tail, DEBUG_TOML, REPO
+from tests.integration.harness import ckpt_args, clean_env, run_train, tail, DEBUG_TOML, REPO
 
 pytestmark = pytest.mark.integration
 
@@ -17,14 +17,14 @@ pytestmark = pytest.mark.integration
 def _generate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "titan_linear.generate", "--config", str(DEBUG_TOML), *args],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180,
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=180,
     )
 
 
 def test_generate_from_a_trained_checkpoint(tmp_path):
     dump = tmp_path / "dump"
-    train = _run(_ckpt_args(dump, steps=3))
-    assert train.returncode == 0, _tail(train.stdout)
+    train = run_train(ckpt_args(dump, steps=3))
+    assert train.returncode == 0, tail(train.stdout)
     ckpt = dump / "checkpoint" / "step-3"
     assert (ckpt / ".metadata").is_file()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.test_train_cpu import _env, _losses, _run, _tail, REPO, SMALL
+from tests.integration.harness import clean_env, losses_of, run_train, tail, REPO, SMALL
 from titan_linear.models.oelm import orthogonal_weight
 
 pytestmark = pytest.mark.integration
@@ -52,13 +52,13 @@ def test_oelm_two_rank_fsdp_frozen_exact_through_resume(tmp_path):
     dump = tmp_path / "dump"
     common = ["--config", OELM_TOML, *SMALL, "--job.dump_folder", str(dump), "--checkpoint.enable",
               "--checkpoint.interval", "4"]
-    proc = _run([*common, "--training.steps", "8", "--training.max_norm", "1.0"], env=_env(NGPU=2))
+    proc = run_train([*common, "--training.steps", "8", "--training.max_norm", "1.0"], env=clean_env(NGPU=2))
     log = proc.stdout
-    assert proc.returncode == 0, _tail(log)
-    assert "Applied FSDP to the model" in log and "dp_shard=2" in log, _tail(log)
-    assert "freeze map FFFFFF" in log, _tail(log)
-    losses = _losses(log)
-    assert sorted(losses) == list(range(1, 9)), _tail(log)
+    assert proc.returncode == 0, tail(log)
+    assert "Applied FSDP to the model" in log and "dp_shard=2" in log, tail(log)
+    assert "freeze map FFFFFF" in log, tail(log)
+    losses = losses_of(log)
+    assert sorted(losses) == list(range(1, 9)), tail(log)
     first_log = log
     assert losses[8][0] < losses[1][0] - 0.3, losses
 
@@ -74,13 +74,13 @@ def test_oelm_two_rank_fsdp_frozen_exact_through_resume(tmp_path):
 
     # resume from step 8 with 4 more steps, under full activation checkpointing and a tiny
     # grad-norm threshold: loaded, trained on, spikes warned about, frozen weights unchanged
-    proc = _run([*common, "--training.steps", "12", "--activation_checkpoint.mode", "full",
-                 "--monitor.grad_norm_warn", "1e-4"], env=_env(NGPU=2))
+    proc = run_train([*common, "--training.steps", "12", "--activation_checkpoint.mode", "full",
+                 "--monitor.grad_norm_warn", "1e-4"], env=clean_env(NGPU=2))
     log = proc.stdout
-    assert proc.returncode == 0, _tail(log)
-    assert "Training starts at step 9" in log, _tail(log)
-    assert "Applied full activation checkpointing" in log, _tail(log)
-    assert re.search(r"WARNING - titan_linear: gradient norm spike at step 9: .*monitor.grad_norm_warn = 0.0001", log), _tail(log)
+    assert proc.returncode == 0, tail(log)
+    assert "Training starts at step 9" in log, tail(log)
+    assert "Applied full activation checkpointing" in log, tail(log)
+    assert re.search(r"WARNING - titan_linear: gradient norm spike at step 9: .*monitor.grad_norm_warn = 0.0001", log), tail(log)
     assert "gradient norm spike" not in first_log  # default threshold 100
     sd12 = _load(dump / "checkpoint" / "step-12", tmp_path)
     _check_frozen(sd12, ref=sd8)
@@ -91,8 +91,8 @@ def test_fsdp2_reduce_scatters_only_trainable_grads(tmp_path):
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
             "--rdzv_endpoint", "localhost:0", str(REPO / "tests" / "integration" / "fsdp_frozen_worker.py"),
             str(tmp_path)]
-    proc = _run(argv, env=_env(PYTHONPATH=str(REPO)), timeout=180)
-    assert proc.returncode == 0, _tail(proc.stdout)
+    proc = run_train(argv, env=clean_env(PYTHONPATH=str(REPO)), timeout=180)
+    assert proc.returncode == 0, tail(proc.stdout)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in results] == [0, 1]
     for r in results:

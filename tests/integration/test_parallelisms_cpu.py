@@ -9,7 +9,7 @@ each technique without changing the maths.
 
 import pytest
 
-from tests.integration.test_train_cpu import _env, _losses, _run, _tail, SMALL
+from tests.integration.harness import clean_env, losses_of, run_train, tail, SMALL
 
 pytestmark = pytest.mark.integration
 
@@ -19,9 +19,9 @@ STEPS = ["--training.steps", "3"]
 @pytest.fixture(scope="module")
 def seed_args(tmp_path_factory):
     dump = tmp_path_factory.mktemp("seed")
-    proc = _run([*SMALL, "--job.dump_folder", str(dump), "--checkpoint.enable",
+    proc = run_train([*SMALL, "--job.dump_folder", str(dump), "--checkpoint.enable",
                  "--checkpoint.create_seed_checkpoint", "--parallelism.data_parallel_shard_degree", "1"])
-    assert proc.returncode == 0, _tail(proc.stdout)
+    assert proc.returncode == 0, tail(proc.stdout)
     seed = dump / "checkpoint" / "step-0"
     assert (seed / ".metadata").is_file()
     return ["--checkpoint.enable", "--checkpoint.initial_load_path", str(seed)]
@@ -30,9 +30,9 @@ def seed_args(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, seed_args):
     dump = tmp_path_factory.mktemp("ref")
-    proc = _run([*SMALL, *STEPS, "--job.dump_folder", str(dump), *seed_args])
-    assert proc.returncode == 0, _tail(proc.stdout)
-    return _losses(proc.stdout)
+    proc = run_train([*SMALL, *STEPS, "--job.dump_folder", str(dump), *seed_args])
+    assert proc.returncode == 0, tail(proc.stdout)
+    return losses_of(proc.stdout)
 
 
 CASES = {
@@ -54,12 +54,12 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_parallelism_matches_plain_run(case, reference, seed_args, tmp_path):
     ngpu, log_rank, extra, marker = CASES[case]
-    env = _env(NGPU=ngpu, LOG_RANK=log_rank)
-    proc = _run([*SMALL, *STEPS, "--job.dump_folder", str(tmp_path), *seed_args, *extra], env=env)
-    assert proc.returncode == 0, _tail(proc.stdout)
-    assert marker.lower() in proc.stdout.lower(), _tail(proc.stdout)
-    losses = _losses(proc.stdout, rank=log_rank)
-    assert sorted(losses) == [1, 2, 3], _tail(proc.stdout)
+    env = clean_env(NGPU=ngpu, LOG_RANK=log_rank)
+    proc = run_train([*SMALL, *STEPS, "--job.dump_folder", str(tmp_path), *seed_args, *extra], env=env)
+    assert proc.returncode == 0, tail(proc.stdout)
+    assert marker.lower() in proc.stdout.lower(), tail(proc.stdout)
+    losses = losses_of(proc.stdout, rank=log_rank)
+    assert sorted(losses) == [1, 2, 3], tail(proc.stdout)
     if case == "ddp2":
         # two replicas each see their own batch: the mean loss differs from one process's
         assert abs(losses[1][0] - reference[1][0]) < 0.5

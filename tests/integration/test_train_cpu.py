@@ -6,12 +6,9 @@ on two cores. Run with `pytest -q tests/integration -m integration`.
 """
 
 import os
-import random
 import re
-import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,147 +17,34 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.harness import (
+    ckpt_args, clean_env, DEBUG_TOML, descendants, dump_stacks, free_port, is_zombie, kill_tree, listening,
+    losses_of, no_core_dumps, REPO, RUN_TIMEOUT, RUN_TRAIN, run_train, SMALL, strip_ansi, tail, VALIDATION_LINE,
+)
+
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-RUN_TRAIN = str(REPO / "run_train.sh")
-DEBUG_TOML = REPO / "train_configs" / "debug_model.toml"
-
-# Small, reproducible, quiet: what every training run here gets.
-SMALL = [
-    "--training.seq_len", "64",
-    "--training.local_batch_size", "4",
-    "--metrics.log_freq", "1",
-    "--metrics.disable_color_printing",
-    "--metrics.no-enable-tensorboard",
-    "--debug.seed", "42",
-    "--debug.deterministic",
-]
-
-RUN_TIMEOUT = 240  # seconds for one run; a hang fails the test instead of the suite
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-# torchtitan's training line: "step:  3  loss:  7.94247  grad_norm:  1.3369 ..."
-# (the validation line, "validate step: 5  loss: ...", must not match).
-_STEP = re.compile(r"(?<!validate )\bstep:\s*(\d+)\s+loss:\s*([-+0-9.eE]+)\s+grad_norm:\s*([-+0-9.eE]+)")
-_VAL = re.compile(r"validate step:\s*(\d+)\s+loss:\s*([-+0-9.eE]+)")
 
 
-def _strip(text: str) -> str:
-    return _ANSI.sub("", text)
 
 
-def _env(**extra) -> dict:
-    """The caller's environment minus anything that would steer torchrun, plus `extra`."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_ID", "NGPU",
-                     "LOG_RANK", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                     "TORCHELASTIC_RUN_ID", "TITAN_LINEAR_NO_CPU_SHIM")
-    }
-    # PYTHONFAULTHANDLER: a process sent SIGABRT (by _dump_stacks, on a timeout) first writes
-    # the Python stacks of all its threads to its stderr.
-    env.update(PYTHON=sys.executable, NGPU="1", LOG_RANK="0", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
-def _no_core_dumps() -> None:
-    """Popen preexec_fn: the SIGABRT of _dump_stacks must not leave core files behind."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _run(args, env=None, timeout=RUN_TIMEOUT, merge=True) -> subprocess.CompletedProcess:
-    """Run run_train.sh (or any argv when args[0] is not an option) to completion.
-
-    On a timeout the test fails with the tail of the output, which ends with the Python stacks
-    of every process of the run (_dump_stacks); the whole process tree is killed, workers too."""
-    argv = args if args and not args[0].startswith("-") else [RUN_TRAIN, *args]
-    proc = subprocess.Popen(
-        argv,
-        cwd=REPO,
-        env=env or _env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT if merge else subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=_no_core_dumps,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _dump_stacks(proc)
-        _kill_tree(proc)
-        out, err = proc.communicate(timeout=60)
-        pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, argv))}\n"
-                    f"{_tail(_strip((out or '') + (err or '')), 120)}", pytrace=False)
-    return subprocess.CompletedProcess(argv, proc.returncode, _strip(out or ""),
-                                       None if merge else _strip(err or ""))
 
 
-def _losses(log: str, rank: int | None = 0) -> dict[int, tuple[float, float]]:
-    """{step: (loss, grad_norm)} from the training lines of `rank` (None: any line)."""
-    out = {}
-    for line in log.splitlines():
-        if rank is not None and not line.startswith(f"[rank{rank}]:"):
-            continue
-        m = _STEP.search(line)
-        if m:
-            out[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
-    return out
 
 
-def _tail(text: str, n: int = 60) -> str:
-    return "\n".join(text.splitlines()[-n:])
 
 
-def _listening(port: int) -> bool:
-    """Whether a TCP socket on this machine listens on `port` (read from /proc/net: no connection
-    is made, so nothing is disturbed)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
-                return True
-    return False
 
 
-def _free_port() -> int:
-    """A free port below the kernel's ephemeral range: no outgoing connection can take it before
-    torchrun binds it, and a client that retries connecting to it cannot connect to itself (a TCP
-    self-connect needs the port to be one the kernel hands out as a source port)."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    rng = random.SystemRandom()
-    for _ in range(200):
-        port = rng.randrange(10000, max(low, 20000))
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("", port))
-            except OSError:
-                continue
-        if not _listening(port):
-            return port
-    raise AssertionError("no free TCP port found in 200 tries")
 
 
-def _ckpt_args(dump: Path, steps: int = 12, interval: int | None = None) -> list[str]:
-    args = [
-        *SMALL,
-        "--training.steps", str(steps),
-        "--job.dump_folder", str(dump),
-        "--checkpoint.enable",
-    ]
-    if interval is not None:
-        args += ["--checkpoint.interval", str(interval)]
-    return args
+
+
+
 
 
 # --------------------------------------------------------------------------------------
@@ -171,10 +55,10 @@ def _ckpt_args(dump: Path, steps: int = 12, interval: int | None = None) -> list
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory):
     dump = tmp_path_factory.mktemp("run_a") / "dump"
-    proc = _run(_ckpt_args(dump))
-    assert proc.returncode == 0, _tail(proc.stdout)
-    losses = _losses(proc.stdout)
-    assert sorted(losses) == list(range(1, 13)), _tail(proc.stdout)
+    proc = run_train(ckpt_args(dump))
+    assert proc.returncode == 0, tail(proc.stdout)
+    losses = losses_of(proc.stdout)
+    assert sorted(losses) == list(range(1, 13)), tail(proc.stdout)
     # Saved only at the last step (interval 50 > 12 steps).
     assert (dump / "checkpoint" / "step-12" / ".metadata").is_file()
     return dump, losses, proc.stdout
@@ -187,21 +71,21 @@ def run_a(tmp_path_factory):
 
 def test_two_rank_fsdp_loss_falls(tmp_path):
     dump = tmp_path / "dump"
-    proc = _run(
+    proc = run_train(
         [*SMALL, "--training.steps", "14", "--parallelism.data_parallel_shard_degree", "-1",
          "--job.dump_folder", str(dump)],
-        env=_env(NGPU=2),
+        env=clean_env(NGPU=2),
     )
     log = proc.stdout
-    assert proc.returncode == 0, _tail(log)
-    assert "Applied FSDP to the model" in log, _tail(log)
-    assert "dp_shard=2" in log, _tail(log)
-    assert "global batch size 8" in log, _tail(log)  # 2 ranks x local batch 4
-    assert "layer map SLSLSL" in log, _tail(log)
-    assert re.search(r"\[rank0\]:.*titan_linear layer map SLSLSL .*layers \[1, 3, 5\]", log), _tail(log)
+    assert proc.returncode == 0, tail(log)
+    assert "Applied FSDP to the model" in log, tail(log)
+    assert "dp_shard=2" in log, tail(log)
+    assert "global batch size 8" in log, tail(log)  # 2 ranks x local batch 4
+    assert "layer map SLSLSL" in log, tail(log)
+    assert re.search(r"\[rank0\]:.*titan_linear layer map SLSLSL .*layers \[1, 3, 5\]", log), tail(log)
 
-    losses = _losses(log)
-    assert sorted(losses) == list(range(1, 15)), _tail(log)
+    losses = losses_of(log)
+    assert sorted(losses) == list(range(1, 15)), tail(log)
     values = [losses[s][0] for s in sorted(losses)]
     assert all(v == v and 0 < v < 20 for v in values), values  # finite, plausible
     first, last = sum(values[:3]) / 3, sum(values[-3:]) / 3
@@ -213,85 +97,12 @@ def test_two_rank_fsdp_loss_falls(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
-def _descendants(pid: int) -> list[int]:
-    """All live descendants of `pid` (from /proc), children before grandchildren."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat.rpartition(")")[2].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(0), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL run_train.sh's process group and every process under it.
-
-    torchrun starts each worker in a session (process group) of its own, so killing
-    the launcher's group alone would orphan the workers, which would train on. Stop
-    the whole tree first (so nothing moves or forks), then kill it."""
-    pids = [proc.pid, *_descendants(proc.pid)]
-    groups = set()
-    for pid in pids:
-        try:
-            groups.add(os.getpgid(pid))
-            os.kill(pid, signal.SIGSTOP)
-        except ProcessLookupError:
-            pass
-    for pid in _descendants(proc.pid):  # anything forked before the stop landed
-        if pid not in pids:
-            pids.append(pid)
-            try:
-                groups.add(os.getpgid(pid))
-            except ProcessLookupError:
-                pass
-    groups.discard(os.getpgid(0))
-    for pgid in groups:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
-def _dump_stacks(proc: subprocess.Popen) -> None:
-    """SIGABRT every process of `proc`'s tree so that each writes its Python stacks to its stderr
-    (PYTHONFAULTHANDLER=1, see _env) before dying: where a hung run was stuck. The deepest
-    processes (the workers) go first, while torchrun still lives to copy their stderr to its own;
-    then torchrun itself."""
-    def abort(pid: int) -> None:
-        try:
-            os.kill(pid, signal.SIGABRT)
-        except ProcessLookupError:
-            pass
-
-    for pid in reversed(_descendants(proc.pid)):
-        abort(pid)
-    time.sleep(3)
-    abort(proc.pid)
-    time.sleep(2)
 
 
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def _run_until_checkpoint(args, dump: Path, step: int, timeout=RUN_TIMEOUT) -> tuple[str, list[int]]:
@@ -302,15 +113,15 @@ def _run_until_checkpoint(args, dump: Path, step: int, timeout=RUN_TIMEOUT) -> t
     proc = subprocess.Popen(
         [RUN_TRAIN, *args],
         cwd=REPO,
-        env=_env(),
+        env=clean_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group
-        preexec_fn=_no_core_dumps,
+        preexec_fn=no_core_dumps,
     )
     lines: list[str] = []
-    t = threading.Thread(target=lambda: lines.extend(_strip(l) for l in proc.stdout), daemon=True)
+    t = threading.Thread(target=lambda: lines.extend(strip_ansi(l) for l in proc.stdout), daemon=True)
     t.start()
     meta = dump / "checkpoint" / f"step-{step}" / ".metadata"
     deadline = time.monotonic() + timeout
@@ -318,18 +129,18 @@ def _run_until_checkpoint(args, dump: Path, step: int, timeout=RUN_TIMEOUT) -> t
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             if meta.is_file():
-                killed = [proc.pid, *_descendants(proc.pid)]
-                _kill_tree(proc)
+                killed = [proc.pid, *descendants(proc.pid)]
+                kill_tree(proc)
                 break
             time.sleep(0.01)
     finally:
         if proc.poll() is None and not killed:
-            _dump_stacks(proc)
-            _kill_tree(proc)
+            dump_stacks(proc)
+            kill_tree(proc)
         proc.wait(timeout=60)
         t.join(timeout=30)
     out = "".join(lines)
-    assert killed, f"run ended or timed out before the step-{step} checkpoint was saved:\n{_tail(out)}"
+    assert killed, f"run ended or timed out before the step-{step} checkpoint was saved:\n{tail(out)}"
     assert proc.returncode == -signal.SIGKILL, proc.returncode
     return out, killed
 
@@ -337,28 +148,28 @@ def _run_until_checkpoint(args, dump: Path, step: int, timeout=RUN_TIMEOUT) -> t
 def test_resume_after_kill_matches_uninterrupted_run(run_a, tmp_path):
     _, losses_a, _ = run_a
     dump = tmp_path / "dump"
-    args = _ckpt_args(dump, interval=6)
+    args = ckpt_args(dump, interval=6)
 
     first, killed = _run_until_checkpoint(args, dump, step=6)
     assert len(killed) >= 2, killed  # torchrun (run_train.sh exec's it) and its worker
     time.sleep(1)
     for pid in killed:  # the kill was real: nothing of run B's first part lives on
-        assert not Path(f"/proc/{pid}").exists() or _zombie(pid), f"pid {pid} survived the kill"
+        assert not Path(f"/proc/{pid}").exists() or is_zombie(pid), f"pid {pid} survived the kill"
     # It never reached its end: no final checkpoint, no clean finish.
     assert not (dump / "checkpoint" / "step-12").exists(), sorted(os.listdir(dump / "checkpoint"))
     assert "Training completed" not in first
     # What it logged before the kill agrees with run A.
-    for s, (loss, _) in _losses(first).items():
+    for s, (loss, _) in losses_of(first).items():
         assert loss == pytest.approx(losses_a[s][0], rel=1e-5, abs=0), s
 
-    proc = _run(args)
+    proc = run_train(args)
     log = proc.stdout
-    assert proc.returncode == 0, _tail(log)
-    assert re.search(r"Loading the checkpoint from \S*step-6\b", log), _tail(log)
-    assert "Finished loading the checkpoint" in log, _tail(log)
-    assert "Training starts at step 7" in log, _tail(log)
-    losses_b = _losses(log)
-    assert sorted(losses_b) == list(range(7, 13)), _tail(log)
+    assert proc.returncode == 0, tail(log)
+    assert re.search(r"Loading the checkpoint from \S*step-6\b", log), tail(log)
+    assert "Finished loading the checkpoint" in log, tail(log)
+    assert "Training starts at step 7" in log, tail(log)
+    losses_b = losses_of(log)
+    assert sorted(losses_b) == list(range(7, 13)), tail(log)
     for s in range(7, 13):
         loss_b, gn_b = losses_b[s]
         loss_a, gn_a = losses_a[s]
@@ -377,14 +188,14 @@ def test_resume_with_other_layer_map_fails(run_a, tmp_path):
     assert "layer map SLSLSL" in log_a
     dump = tmp_path / "dump"
     shutil.copytree(src, dump)
-    proc = _run([*_ckpt_args(dump, steps=14), "--model.linear_attn_ratio", "1.0"])
+    proc = run_train([*ckpt_args(dump, steps=14), "--model.linear_attn_ratio", "1.0"])
     log = proc.stdout
-    assert proc.returncode != 0, _tail(log)
-    assert "layer map LLLLLL" in log, _tail(log)  # the check passed and the model was built
-    assert "SLSLSL" in log and "LLLLLL" in log, _tail(log)
+    assert proc.returncode != 0, tail(log)
+    assert "layer map LLLLLL" in log, tail(log)  # the check passed and the model was built
+    assert "SLSLSL" in log and "LLLLLL" in log, tail(log)
     # One error line names both maps: the checkpoint's and the model's.
-    assert re.search(r"checkpoint layer map SLSLSL\b.*\blayer map LLLLLL\b", log), _tail(log)
-    assert _losses(log) == {}, "trained on after a layer-map mismatch"
+    assert re.search(r"checkpoint layer map SLSLSL\b.*\blayer map LLLLLL\b", log), tail(log)
+    assert losses_of(log) == {}, "trained on after a layer-map mismatch"
 
 
 # --------------------------------------------------------------------------------------
@@ -409,7 +220,7 @@ def _stage(log: str) -> str:
     """Where a node's run got to, from its log."""
     reached = [i for i, (marker, _) in enumerate(_STAGES) if marker in log]
     where = _STAGES[max(reached)][1] if reached else "before the config check passed"
-    steps = _losses(log, rank=0)
+    steps = losses_of(log, rank=0)
     where += f"; last step logged: {max(steps)}" if steps else "; no step logged"
     return where + ("; 'Training completed' logged" if "Training completed" in log else "")
 
@@ -440,36 +251,36 @@ def _nodes_report(what: str, states: list[str], logs: list[str], before: list[st
         out.append(f"node {node}: {state}; {_stage(log)}")
     for node, log in enumerate(logs):
         stacks = log[len(before[node]):]
-        out += [f"----- node {node}: last 40 lines -----", _tail(before[node], 40)]
+        out += [f"----- node {node}: last 40 lines -----", tail(before[node], 40)]
         if stacks.strip():
-            out += [f"----- node {node}: Python stacks at the timeout -----", _tail(stacks, 150)]
+            out += [f"----- node {node}: Python stacks at the timeout -----", tail(stacks, 150)]
     return "\n".join(out)
 
 
 def test_two_nodes_localhost(tmp_path):
-    port = _free_port()
+    port = free_port()
     dump = tmp_path / "dump"
     args = [RUN_TRAIN, *SMALL, "--training.steps", "4", "--job.dump_folder", str(dump)]
     paths = [tmp_path / f"node{node}.log" for node in (0, 1)]
 
     def read() -> list[str]:
-        return [_strip(p.read_text(errors="replace")) for p in paths]
+        return [strip_ansi(p.read_text(errors="replace")) for p in paths]
 
     procs: list[subprocess.Popen] = []
     deadline = time.monotonic() + RUN_TIMEOUT
     problem, states, before = None, [], None
     try:
         for node, path in enumerate(paths):
-            env = _env(NNODES=2, NODE_RANK=node, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NGPU=1,
+            env = clean_env(NNODES=2, NODE_RANK=node, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NGPU=1,
                        RDZV_ID=f"titan_linear_test_{port}", LOGLEVEL="INFO")
             with open(path, "w") as f:
                 procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                              start_new_session=True, preexec_fn=_no_core_dumps))
+                                              start_new_session=True, preexec_fn=no_core_dumps))
             if node == 0:
                 # Node 0 hosts the rendezvous store (run_train.sh: is_host=1); node 1 starts once it listens.
-                while not _listening(port) and procs[0].poll() is None and time.monotonic() < deadline:
+                while not listening(port) and procs[0].poll() is None and time.monotonic() < deadline:
                     time.sleep(0.1)
-                if not _listening(port):
+                if not listening(port):
                     problem = f"node 0 never listened on the rendezvous port {port}"
                     break
         problem = problem or _wait_all(procs, deadline)
@@ -478,11 +289,11 @@ def test_two_nodes_localhost(tmp_path):
             before = read()
             for p in procs:
                 if p.poll() is None:
-                    _dump_stacks(p)
+                    dump_stacks(p)
     finally:
         for p in procs:
             if p.poll() is None:
-                _kill_tree(p)
+                kill_tree(p)
             p.wait(timeout=60)
     logs = read()
     states += ["not started"] * (2 - len(states))
@@ -495,12 +306,12 @@ def test_two_nodes_localhost(tmp_path):
     # the globally averaged loss on every rank, so both nodes must show the same numbers.
     per_node = []
     for node, log in enumerate(logs):
-        assert "dp_shard=2" in log, f"node {node}:\n{_tail(log)}"  # world size 2
-        assert "global batch size 8" in log, f"node {node}:\n{_tail(log)}"  # 2 x local batch 4
-        assert "Applied FSDP to the model" in log, f"node {node}:\n{_tail(log)}"
+        assert "dp_shard=2" in log, f"node {node}:\n{tail(log)}"  # world size 2
+        assert "global batch size 8" in log, f"node {node}:\n{tail(log)}"  # 2 x local batch 4
+        assert "Applied FSDP to the model" in log, f"node {node}:\n{tail(log)}"
         assert not re.search(r"^\[rank[1-9]\]:", log, re.M), f"node {node} shows another local rank"
-        losses = _losses(log, rank=0)
-        assert sorted(losses) == [1, 2, 3, 4], f"node {node}:\n{_tail(log)}"
+        losses = losses_of(log, rank=0)
+        assert sorted(losses) == [1, 2, 3, 4], f"node {node}:\n{tail(log)}"
         per_node.append(losses)
     for s in range(1, 5):
         assert per_node[0][s][0] == pytest.approx(per_node[1][s][0], rel=1e-6), s
@@ -524,12 +335,12 @@ def test_stock_torchtitan_entry_point(tmp_path):
         *SMALL,
         "--job.dump_folder", str(dump),
     ]
-    proc = _run(argv)
+    proc = run_train(argv)
     log = proc.stdout
-    assert proc.returncode == 0, _tail(log)
-    assert "titan_linear layer map SLSLSL" in log, _tail(log)
-    losses = _losses(log)
-    assert sorted(losses) == [1, 2, 3], _tail(log)
+    assert proc.returncode == 0, tail(log)
+    assert "titan_linear layer map SLSLSL" in log, tail(log)
+    losses = losses_of(log)
+    assert sorted(losses) == [1, 2, 3], tail(log)
 
 
 # --------------------------------------------------------------------------------------
@@ -561,7 +372,7 @@ BAD = [
 def test_bad_config_stops_before_torchrun(tmp_path, args, key, value):
     dump = tmp_path / "dump"
     prefix = ["--config", str(_bad_toml(tmp_path))] if args is None else []
-    proc = _run([*prefix, *(args or []), "--training.steps", "2", "--job.dump_folder", str(dump)],
+    proc = run_train([*prefix, *(args or []), "--training.steps", "2", "--job.dump_folder", str(dump)],
                 timeout=120, merge=False)
     assert proc.returncode != 0, proc.stdout + proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
@@ -582,12 +393,12 @@ def test_bad_config_stops_before_torchrun(tmp_path, args, key, value):
 
 def test_validation_loss_logged(tmp_path):
     dump = tmp_path / "dump"
-    proc = _run([*SMALL, "--training.steps", "6", "--job.dump_folder", str(dump),
+    proc = run_train([*SMALL, "--training.steps", "6", "--job.dump_folder", str(dump),
                  "--validation.enable", "--validation.freq", "5", "--validation.steps", "2",
                  "--validation.seq_len", "64"])
     log = proc.stdout
-    assert proc.returncode == 0, _tail(log)
-    assert sorted(_losses(log)) == list(range(1, 7)), _tail(log)
-    vals = {int(m.group(1)): float(m.group(2)) for m in _VAL.finditer(log)}
-    assert 5 in vals, _tail(log)
+    assert proc.returncode == 0, tail(log)
+    assert sorted(losses_of(log)) == list(range(1, 7)), tail(log)
+    vals = {int(m.group(1)): float(m.group(2)) for m in VALIDATION_LINE.finditer(log)}
+    assert 5 in vals, tail(log)
     assert 0 < vals[5] < 20, vals

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from titan_linear.models.mixed.model import LinearAttention
+from titan_linear.models.hybrid.model import LinearAttention
 from titan_linear.ops.efficient_attn import RecurrentState
 
 

@@ -10,7 +10,7 @@ feed_forward), the same arithmetic as TransformerBlock.forward for a sequence of
   length, i.e. for every decoded token (~50 ms a call on an H100, against 0.05 ms for
   torch's default choice);
 - linear layer: `efficient_attention_step` from the layer's RecurrentState, no RoPE (as in
-  training, see models/mixed/model.py); the state keeps its size.
+  training, see models/hybrid/model.py); the state keeps its size.
 """
 
 import torch

@@ -67,7 +67,7 @@ def prefill(
     """Run the prompt through the model and return its logits and the filled caches.
 
     Args:
-        model: a llama3 `Transformer` (MixedTransformer, OELMTransformer or stock), prepared by
+        model: a llama3 `Transformer` (HybridTransformer, OELMTransformer or stock), prepared by
             `prepare_model` so that its RoPE table covers max_len.
         tokens: (bs, seqlen) prompt ids.
         max_len: positions the KV caches hold (prompt + tokens to decode); default: the length of

@@ -29,7 +29,7 @@ def prepare_model(model: nn.Module, dtype: torch.dtype | None = None, max_len: i
     """Eval mode, weights in `dtype` (default: as they are), RoPE table for `max_len` positions.
 
     Args:
-        model: a llama3 `Transformer` (MixedTransformer, OELMTransformer or stock).
+        model: a llama3 `Transformer` (HybridTransformer, OELMTransformer or stock).
         dtype: the dtype to run in; default None keeps the weights' dtype.
         max_len: the longest sequence (prompt + new tokens) to generate; default None keeps the table.
     """

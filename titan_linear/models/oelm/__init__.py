@@ -13,7 +13,7 @@ to multiple_of 256, which gives exactly 4d for these widths.
 
 from torchtitan.protocols.train_spec import TrainSpec
 
-from titan_linear.models.mixed import build_train_spec, mixed_args
+from titan_linear.models.hybrid import build_train_spec, hybrid_args
 
 from .args import FREEZE_MODES, OELMModelArgs
 from .model import OELMTransformer, orthogonal_weight
@@ -31,7 +31,7 @@ def _wide(dim: int, n_layers: int, n_heads: int, vocab_size: int) -> OELMModelAr
 
 
 def _debug() -> OELMModelArgs:
-    src = mixed_args["debugmodel"]
+    src = hybrid_args["debugmodel"]
     return OELMModelArgs(dim=src.dim, n_layers=src.n_layers, n_heads=src.n_heads,
                          vocab_size=src.vocab_size, rope_theta=src.rope_theta)
 

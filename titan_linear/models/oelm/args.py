@@ -7,8 +7,8 @@ import torch
 from torchtitan.config import JobConfig
 
 from titan_linear.config_errors import bad_value, is_number
-from titan_linear.models.mixed.args import MixedModelArgs
-from titan_linear.models.mixed.placement import place_layers
+from titan_linear.models.hybrid.args import HybridModelArgs
+from titan_linear.models.hybrid.placement import place_layers
 
 # oelm_freeze -> the attention projections (torchtitan's module names) that are fixed.
 FREEZE_MODES = {"qk": ("wq", "wk"), "kv": ("wk", "wv"), "none": ()}
@@ -17,7 +17,7 @@ PROJECTIONS = ("wq", "wk", "wv")
 
 
 @dataclass
-class OELMModelArgs(MixedModelArgs):
+class OELMModelArgs(HybridModelArgs):
     """llama3 (optionally hybrid) whose chosen attention projections are frozen orthogonal.
 
     Args:
@@ -25,7 +25,7 @@ class OELMModelArgs(MixedModelArgs):
             (the GPT baseline); docs/recipe.md, "OELM". Default "qk".
         freeze_ratio: fraction of layers whose projections are frozen; round(ratio * n_layers)
             layers spread uniformly through the depth by the same rule as the linear layers
-            (see models/mixed/placement.py). Default 1.0 (every layer).
+            (see models/hybrid/placement.py). Default 1.0 (every layer).
         oelm_seed: seed of the orthogonal matrices (the job's `debug.seed`, 0 when unset);
             each (layer, projection) draws from its own generator, so the matrices do not
             depend on the parallelism or on the initialisation order.

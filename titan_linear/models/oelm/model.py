@@ -22,7 +22,7 @@ import torch
 from torch.distributed.tensor import distribute_tensor, DTensor
 from torchtitan.tools.logging import logger
 
-from titan_linear.models.mixed.model import MixedTransformer
+from titan_linear.models.hybrid.model import HybridTransformer
 
 from .args import OELMModelArgs, PROJECTIONS
 
@@ -39,8 +39,8 @@ def orthogonal_weight(shape: tuple[int, int], seed: int) -> torch.Tensor:
     return w.to(torch.float32)
 
 
-class OELMTransformer(MixedTransformer):
-    """MixedTransformer whose `frozen_projections` in `frozen_layers` are fixed orthogonal.
+class OELMTransformer(HybridTransformer):
+    """HybridTransformer whose `frozen_projections` in `frozen_layers` are fixed orthogonal.
 
     Its args add the map `oelm_freeze_map` (n_layers x 3, 1 = frozen wq/wk/wv) to the
     checkpoint maps, so loading a checkpoint whose freeze map differs raises an error naming both.

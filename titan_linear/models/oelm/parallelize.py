@@ -13,14 +13,14 @@ from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.tools.logging import logger
 
-from titan_linear.models.mixed.parallelize import parallelize_mixed
+from titan_linear.models.hybrid.parallelize import parallelize_hybrid
 
 from .report import parameter_report, report_markdown, write_parameter_report
 
 
 def parallelize_oelm(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
     frozen = set(model.frozen_param_names())
-    model = parallelize_mixed(model, parallel_dims, job_config)
+    model = parallelize_hybrid(model, parallel_dims, job_config)
     for name, p in model.named_parameters():
         clean = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
         assert p.requires_grad == (clean not in frozen), f"{name}: requires_grad {p.requires_grad} after parallelize"

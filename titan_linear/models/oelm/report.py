@@ -10,7 +10,7 @@ import os
 
 from torch import nn
 
-from titan_linear.models.mixed.model import component_of
+from titan_linear.models.hybrid.model import component_of
 
 # The report's rows, in order (component_of decides each parameter's row).
 COMPONENTS = (

@@ -60,8 +60,8 @@ set_impl(os.environ.get("TITAN_LINEAR_ATTN_IMPL", "auto"))
 def _select_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[..., torch.Tensor]:
     """The one dispatch point: which implementation serves a call.
 
-    Both must agree with `efficient_attention_quadratic` (tests/test_efficient_attn.py,
-    tests/test_triton_attn.py, tests/test_gpu.py). fp64 inputs and CPU tensors take the chunked
+    Both must agree with `efficient_attention_quadratic` (tests/ops/test_efficient_attn.py,
+    tests/ops/test_triton_attn.py, tests/ops/test_gpu.py). fp64 inputs and CPU tensors take the chunked
     torch path; "triton" forced on the CPU runs the kernels only under TRITON_INTERPRET=1.
     """
     if _impl == "torch" or efficient_attention_triton is None:

@@ -1,4 +1,4 @@
-"""MixedTransformer: llama3 where some layers use causal efficient attention.
+"""HybridTransformer: llama3 where some layers use causal efficient attention.
 
 The linear layers are drop-ins for torchtitan's: `LinearAttention` subclasses
 `Attention` (same `wq/wk/wv/wo`, grouped-query heads, same `init_weights`) and
@@ -23,7 +23,7 @@ from titan_linear.ops.efficient_attn import efficient_attention
 
 from titan_linear.models.maps import check_maps
 
-from .args import MixedModelArgs
+from .args import HybridModelArgs
 
 
 def component_of(name: str) -> str:
@@ -60,7 +60,7 @@ class LinearAttention(Attention):
         model_args: the hybrid model's arguments (heads, kv heads, dim).
     """
 
-    def __init__(self, model_args: MixedModelArgs):
+    def __init__(self, model_args: HybridModelArgs):
         super().__init__(model_args)
         self.inner_attention = EfficientAttentionCore()
 
@@ -78,12 +78,12 @@ class LinearAttention(Attention):
 class LinearTransformerBlock(TransformerBlock):
     """llama3's block with `LinearAttention` in place of `Attention`."""
 
-    def __init__(self, layer_id: int, model_args: MixedModelArgs):
+    def __init__(self, layer_id: int, model_args: HybridModelArgs):
         super().__init__(layer_id, model_args)
         self.attention = LinearAttention(model_args)
 
 
-class MixedTransformer(Transformer):
+class HybridTransformer(Transformer):
     """llama3 `Transformer` whose layers in `model_args.linear_layers` are linear.
 
     With no linear layers it is stock llama3: same parameters, same initialisation
@@ -92,7 +92,7 @@ class MixedTransformer(Transformer):
     checkpoint; loading a checkpoint whose maps differ raises an error naming both.
     """
 
-    def __init__(self, model_args: MixedModelArgs):
+    def __init__(self, model_args: HybridModelArgs):
         super().__init__(model_args)
         self.linear_layers = model_args.linear_layers
         for i in self.linear_layers:

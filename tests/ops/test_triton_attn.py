@@ -1,6 +1,6 @@
 """The Triton path (efficient_attention_triton) against the quadratic fp32 reference.
 
-On a CUDA machine the kernels run compiled (tests/test_gpu.py has the bf16 and compile checks).
+On a CUDA machine the kernels run compiled (tests/ops/test_gpu.py has the bf16 and compile checks).
 Without a GPU they run under Triton's interpreter, which must be switched on before triton is
 first imported, so each case runs in a child process with TRITON_INTERPRET=1: the same kernel
 code, executed in numpy, checked to fp32 accuracy.
@@ -10,12 +10,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 # (B, H, H_kv, T, D, key_scale): one chunk with padding; two chunks with grouped-query heads;
 # keys x100; T = 1; keys x1 then x100 from position 300 on (the fast kernels take the first
@@ -110,7 +109,7 @@ def _interpret(cases: list, **config) -> list[dict]:
     with the launch config's `config` fields replaced for every key (triton_tuning.override)."""
     pytest.importorskip("triton")
     calls = ", ".join(f"t._{c}_errors()" if isinstance(c, str) else f"t._errors(*{c!r})" for c in cases)
-    code = ("import json, tests.test_triton_attn as t\n"
+    code = ("import json, tests.ops.test_triton_attn as t\n"
             "from titan_linear.ops.efficient_attn.triton_tuning import override\n"
             f"with override(**{config!r}):\n"
             f"    print(json.dumps([{calls}]))")
@@ -130,7 +129,7 @@ def _top_scale(case) -> float:
     return max(case[-1]) if isinstance(case[-1], tuple) else case[-1]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/test_gpu.py runs the compiled kernels")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/ops/test_gpu.py runs the compiled kernels")
 @pytest.mark.parametrize("index", range(len(CASES)),
                          ids=["B{}-H{}-Hkv{}-T{}-D{}-x{:g}".format(*c[:-1], _top_scale(c)) for c in CASES])
 def test_efficient_attention_triton_interpreted_matches_quadratic(interpreted_errors, index):
@@ -140,7 +139,7 @@ def test_efficient_attention_triton_interpreted_matches_quadratic(interpreted_er
     assert all(e < tol for e in errors.values()), errors
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/test_gpu.py runs the compiled kernels")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/ops/test_gpu.py runs the compiled kernels")
 def test_hybrid_model_on_triton_path_matches_torch_path(interpreted_errors):
     errors = interpreted_errors[len(CASES)]
     linear = [n for n in errors if n.startswith(("layers.1.attention", "layers.3.attention", "layers.5.attention"))]
@@ -148,13 +147,13 @@ def test_hybrid_model_on_triton_path_matches_torch_path(interpreted_errors):
     assert all(e < 1e-4 for e in errors.values()), {n: e for n, e in errors.items() if e >= 1e-4}
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/test_gpu.py runs the compiled kernels")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/ops/test_gpu.py runs the compiled kernels")
 def test_efficient_attention_triton_interpreted_exact_loop_matches_quadratic():
     (errors,) = _interpret([EXACT_CASE], span=-1)
     assert all(e < 1e-5 for e in errors.values()), errors
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/test_gpu.py runs the compiled kernels")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/ops/test_gpu.py runs the compiled kernels")
 def test_efficient_attention_triton_interpreted_scans_carry_across_blocks():
     """Chunks of 64 taken 2 per step of the scans (z, states, the backward's summaries): 10 chunks,
     so each scan carries across 5 blocks, and the last block is half past the end."""
@@ -162,7 +161,7 @@ def test_efficient_attention_triton_interpreted_scans_carry_across_blocks():
     assert all(e < 1e-4 for e in errors.values()), errors
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/test_gpu.py runs the compiled kernels")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/ops/test_gpu.py runs the compiled kernels")
 def test_efficient_attention_triton_interpreted_bf16_path_matches_quadratic():
     """bf16 inputs: the products' operands rounded to bf16 (override(prec="bf16sim"), since
     the interpreter cannot multiply bf16 operands) and bf16 outputs, two chunks, grouped heads.
@@ -175,7 +174,7 @@ def test_efficient_attention_triton_interpreted_bf16_path_matches_quadratic():
         assert all(e < 3e-2 for e in errors.values()), errors
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/test_gpu.py runs the compiled kernels")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/ops/test_gpu.py runs the compiled kernels")
 def test_efficient_attention_triton_backward_keeps_forward_config(interpreted_errors):
     errors = interpreted_errors[len(CASES) + 1]
     assert all(e < 1e-5 for e in errors.values()), errors

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from titan_linear import launch
-from titan_linear.models.mixed import MixedTransformer
+from titan_linear.models.hybrid import HybridTransformer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
+
+ROOT = str(REPO)
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "train_configs", "*.toml")))
 DEBUG = os.path.join(ROOT, "train_configs", "debug_model.toml")
 
@@ -24,7 +26,7 @@ def _argv(config, *extra):
 def test_shipped_config_builds_on_meta(config):
     job_config, args = launch.check(_argv(config))
     with torch.device("meta"):
-        model = MixedTransformer(copy.deepcopy(args))
+        model = HybridTransformer(copy.deepcopy(args))
     assert len(model.layers) == args.n_layers
     assert job_config.metrics.enable_tensorboard
     m = re.search(r"linear_(\d\.\d\d)\.toml$", config)
@@ -41,7 +43,7 @@ def test_shipped_config_builds_on_meta(config):
 def test_1b_flavor_is_llama_3_2_1b():
     _, args = launch.check(_argv(os.path.join(ROOT, "train_configs", "llama3_1b.toml")))
     with torch.device("meta"):
-        model = MixedTransformer(args)
+        model = HybridTransformer(args)
     n = sum(p.numel() for p in model.parameters())
     assert 1.45e9 < n < 1.55e9  # 1.24B + untied output embedding (262M)
 

@@ -1,9 +1,9 @@
-"""MixedTransformer: stock llama3 at ratio 0, drop-in linear layers otherwise."""
+"""HybridTransformer: stock llama3 at ratio 0, drop-in linear layers otherwise."""
 
 import torch
 from torchtitan.models.llama3 import llama3_args, Transformer
 
-from titan_linear.models.mixed import LinearAttention, LinearTransformerBlock
+from titan_linear.models.hybrid import LinearAttention, LinearTransformerBlock
 from tests.helpers import build, debug_args
 
 
@@ -16,16 +16,16 @@ def _stock_debug(seed: int) -> Transformer:
 
 
 def test_ratio_zero_is_stock_llama3():
-    mixed = build(debug_args(), seed=3)
+    hybrid = build(debug_args(), seed=3)
     stock = _stock_debug(seed=3)
-    mp = {n: p.shape for n, p in mixed.named_parameters()}
+    mp = {n: p.shape for n, p in hybrid.named_parameters()}
     sp = {n: p.shape for n, p in stock.named_parameters()}
     assert mp == sp
-    for (n, a), (_, b) in zip(mixed.named_parameters(), stock.named_parameters()):
+    for (n, a), (_, b) in zip(hybrid.named_parameters(), stock.named_parameters()):
         assert torch.equal(a, b), n
     tokens = torch.randint(0, 2048, (2, 32))
-    assert torch.equal(mixed(tokens), stock(tokens))
-    assert not any(isinstance(b, LinearTransformerBlock) for b in mixed.layers.values())
+    assert torch.equal(hybrid(tokens), stock(tokens))
+    assert not any(isinstance(b, LinearTransformerBlock) for b in hybrid.layers.values())
 
 
 def test_linear_layers_are_drop_ins():

@@ -1,8 +1,8 @@
-"""The placement rule of linear and OELM frozen layers (titan_linear/models/mixed/placement.py)."""
+"""The placement rule of linear and OELM frozen layers (titan_linear/models/hybrid/placement.py)."""
 
 import pytest
 
-from titan_linear.models.mixed.placement import (
+from titan_linear.models.hybrid.placement import (
     layer_map_string,
     place_layers,
     num_placed,

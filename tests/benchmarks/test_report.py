@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import REPO
+
 import pytest
 
-REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "report.py"
+REPORT = REPO / "benchmarks" / "report.py"
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
 DEV = "Test GPU"

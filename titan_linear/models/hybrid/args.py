@@ -16,7 +16,7 @@ from .placement import layer_map_string, place_layers, PLACEMENTS
 
 
 @dataclass
-class MixedModelArgs(TransformerModelArgs):
+class HybridModelArgs(TransformerModelArgs):
     # [model] keys of other models, refused here when set (never silently ignored).
     FOREIGN_KEYS = {"oelm_freeze": "llama3_oelm", "freeze_ratio": "llama3_oelm"}
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from titan_linear.launch import check
-from titan_linear.models.mixed import ConfigError
 from titan_linear.models.oelm import oelm_args, OELMModelArgs, OELMTransformer, orthogonal_weight, parameter_report
 from titan_linear.recipe import build_grouped_optimizers
 
@@ -178,7 +177,7 @@ def test_bad_oelm_keys_name_key_and_value(flag, value, key):
 
 
 def test_context_parallel_refused_with_linear_layers():
-    # The one refusal lives in MixedModelArgs.update_from_config, inherited by OELM.
+    # The one refusal lives in HybridModelArgs.update_from_config, inherited by OELM.
     with pytest.raises(ValueError) as e:
         check(_argv("--model.linear_attn_ratio", "0.5", "--parallelism.context_parallel_degree", "2"))
     msg = str(e.value)

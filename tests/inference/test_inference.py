@@ -19,7 +19,7 @@ from titan_linear.inference import (
     static_decode_step,
 )
 from titan_linear.ops.efficient_attn import efficient_attention_recurrent, RecurrentState
-from tests.helpers import build, debug_args
+from tests.helpers import build, debug_args, REPO
 
 RATIOS = [0.0, 0.5, 1.0]
 
@@ -179,9 +179,8 @@ def test_sampling_config_errors_name_the_flag(field, value, flag):
 
 def test_benchmark_cpu_smoke(tmp_path):
     from importlib.util import module_from_spec, spec_from_file_location
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "inference.py"
+    path = REPO / "benchmarks" / "inference.py"
     spec = spec_from_file_location("benchmark_inference", path)
     bench = module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -14,9 +14,9 @@ import torch.distributed.checkpoint as dcp
 from titan_linear import launch
 from titan_linear.checkpoint import check_intact, CheckpointError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEBUG = os.path.join(ROOT, "train_configs", "debug_model.toml")
-OELM = os.path.join(ROOT, "train_configs", "debug_oelm.toml")
+from tests.helpers import DEBUG_TOML as DEBUG, OELM_TOML as OELM, REPO
+
+ROOT = str(REPO)
 
 
 def _check(capsys, tmp_path, *extra, config=DEBUG):
@@ -54,7 +54,6 @@ def test_recipe_keys_checked_on_the_hybrid(capsys, tmp_path, extra, needles):
 
 @pytest.mark.parametrize("config", [DEBUG, OELM], ids=["llama3_mixed", "llama3_oelm"])
 def test_recipe_applies_to_every_model(config):
-    import titan_linear  # noqa: F401
     from torchtitan.protocols.train_spec import get_train_spec
 
     from titan_linear.recipe import train_spec_builders

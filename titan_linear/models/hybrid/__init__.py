@@ -11,28 +11,29 @@ from torchtitan.protocols.train_spec import TrainSpec
 from titan_linear.data import build_dataloader, build_tokenizer, build_validator
 from titan_linear.recipe import train_spec_builders
 
-from .args import ConfigError, MixedModelArgs
-from .model import LinearAttention, LinearTransformerBlock, MixedTransformer
-from .parallelize import parallelize_mixed
+from .args import ConfigError, HybridModelArgs
+from .model import LinearAttention, LinearTransformerBlock, HybridTransformer
+from .parallelize import parallelize_hybrid
 
+# The registry name (`model.name`), kept from the first release: configs say "llama3_mixed".
 NAME = "llama3_mixed"
 
-def _from_llama3(flavor: str) -> MixedModelArgs:
+def _from_llama3(flavor: str) -> HybridModelArgs:
     """A flavor of torchtitan's llama3 as hybrid args (every field taken from upstream)."""
     src = llama3_args[flavor]
-    return MixedModelArgs(
+    return HybridModelArgs(
         **{f.name: getattr(src, f.name) for f in fields(src) if f.init and f.name != "_enforced"}
     )
 
 
 # Llama 3.2 1B / 3B shapes (torchtitan 0.2.2 ships no 1B or 3B llama3 flavor).
-mixed_args = {
+hybrid_args = {
     "debugmodel": _from_llama3("debugmodel"),
-    "1B": MixedModelArgs(
+    "1B": HybridModelArgs(
         dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5,
         multiple_of=256, rope_theta=500000, vocab_size=128256,
     ),
-    "3B": MixedModelArgs(
+    "3B": HybridModelArgs(
         dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim_multiplier=1.0,
         multiple_of=256, rope_theta=500000, vocab_size=128256,
     ),
@@ -66,10 +67,10 @@ def build_train_spec(model_cls: type, model_args: dict, parallelize_fn: Callable
 
 
 def get_train_spec() -> TrainSpec:
-    return build_train_spec(MixedTransformer, mixed_args, parallelize_mixed)
+    return build_train_spec(HybridTransformer, hybrid_args, parallelize_hybrid)
 
 
 __all__ = [
-    "NAME", "ConfigError", "MixedModelArgs", "MixedTransformer", "LinearAttention",
-    "LinearTransformerBlock", "mixed_args", "build_train_spec", "get_train_spec", "parallelize_mixed",
+    "NAME", "ConfigError", "HybridModelArgs", "HybridTransformer", "LinearAttention",
+    "LinearTransformerBlock", "hybrid_args", "build_train_spec", "get_train_spec", "parallelize_hybrid",
 ]
