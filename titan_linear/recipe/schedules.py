@@ -70,7 +70,7 @@ def check_schedule_config(cfg) -> list[str]:
     if schedule == "cosine":
         if cfg.decay_type not in ("linear", "cosine"):
             raise bad_value("lr_scheduler.decay_type", cfg.decay_type,
-                       "unset with the deprecated lr_scheduler.schedule = 'cosine', which sets it to 'cosine'")
+                            "unset with the deprecated lr_scheduler.schedule = 'cosine', which sets it to 'cosine'")
         notes.append(
             "titan_linear: lr_scheduler.schedule = 'cosine' is deprecated: use TorchTitan's "
             "lr_scheduler.decay_type = 'cosine' with min_lr_factor (used for this run)"
@@ -82,26 +82,27 @@ def check_schedule_config(cfg) -> list[str]:
         raise bad_value("lr_scheduler.min_lr_factor", m, "a number in [0, 1]")
     if not is_int(cfg.warmup_steps) or cfg.warmup_steps < 0:
         raise bad_value("lr_scheduler.warmup_steps", cfg.warmup_steps, "an integer >= 0")
-    if cfg.restart_interval is not None:
-        if schedule != "cosine_restarts":
-            raise bad_value("lr_scheduler.restart_interval", cfg.restart_interval,
-                       f"unset unless lr_scheduler.schedule = 'cosine_restarts' (it is {schedule!r})")
-        if not is_int(cfg.restart_interval) or cfg.restart_interval < 0:
-            raise bad_value("lr_scheduler.restart_interval", cfg.restart_interval, "steps >= 0 (0: one cycle)")
-    if cfg.power is not None:
-        if schedule != "polynomial":
-            raise bad_value("lr_scheduler.power", cfg.power,
-                       f"unset unless lr_scheduler.schedule = 'polynomial' (it is {schedule!r})")
-        if not is_number(cfg.power) or not cfg.power > 0:
-            raise bad_value("lr_scheduler.power", cfg.power, "a number > 0")
+    # Keys of one schedule each: refused unless that schedule is chosen.
+    for key, owner, valid, allowed in (
+        ("restart_interval", "cosine_restarts", lambda v: is_int(v) and v >= 0, "steps >= 0 (0: one cycle)"),
+        ("power", "polynomial", lambda v: is_number(v) and v > 0, "a number > 0"),
+    ):
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        if schedule != owner:
+            raise bad_value(f"lr_scheduler.{key}", value,
+                            f"unset unless lr_scheduler.schedule = {owner!r} (it is {schedule!r})")
+        if not valid(value):
+            raise bad_value(f"lr_scheduler.{key}", value, allowed)
     if schedule != "torchtitan":
         # TorchTitan's own decay keys shape only its own schedule.
         if cfg.decay_ratio is not None:
             raise bad_value("lr_scheduler.decay_ratio", cfg.decay_ratio,
-                       f"unset with lr_scheduler.schedule = {schedule!r} (it shapes only 'torchtitan')")
+                            f"unset with lr_scheduler.schedule = {schedule!r} (it shapes only 'torchtitan')")
         if cfg.decay_type != "linear":
             raise bad_value("lr_scheduler.decay_type", cfg.decay_type,
-                       f"unset with lr_scheduler.schedule = {schedule!r} (it shapes only 'torchtitan')")
+                            f"unset with lr_scheduler.schedule = {schedule!r} (it shapes only 'torchtitan')")
     return notes
 
 
