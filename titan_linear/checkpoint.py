@@ -14,6 +14,7 @@ one line that names the folder, the file and the newest intact earlier step.
 import os
 import pickle
 import re
+import warnings
 
 _STEP = re.compile(r"step-(\d+)")
 
@@ -152,5 +153,8 @@ def read_tensors(path: str, keys: list[str]) -> dict:
                 out[name] = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
                 break
     if out:
-        dcp.load(out, checkpoint_id=path, no_dist=True)
+        with warnings.catch_warnings():
+            # "torch.distributed is disabled ... assuming ... a single process": what is meant here
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(out, checkpoint_id=path, no_dist=True)
     return {k.removeprefix("model."): v for k, v in out.items()}
