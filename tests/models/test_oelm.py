@@ -125,7 +125,7 @@ def test_medium512_shape_and_report():
 
 
 @pytest.mark.parametrize("flavor, width, hidden", [("small", 512, 2048), ("base", 768, 3072), ("large", 1024, 4096)])
-def test_seed000_flavors(flavor, width, hidden):
+def test_small_base_large_flavors(flavor, width, hidden):
     args = copy.deepcopy(oelm_args[flavor])
     with torch.device("meta"):
         model = OELMTransformer(args)
