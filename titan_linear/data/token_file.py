@@ -28,7 +28,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from titan_linear.data.sources import DataConfigError
 
 TOKEN_FILE_EXTENSIONS = (".bin", ".npy")
-# Ids per block of the range scan: large enough for numpy's speed, small enough for memory.
+# Ids per block of the range scan: large enough for numpy's speed, small enough for memory
+# (16M ids: 32 MiB of uint16).
 _SCAN_BLOCK = 1 << 24
 
 
@@ -37,24 +38,27 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
-def id_range(ids: np.ndarray) -> tuple[int, int]:
-    """(min, max) over every id of the file, scanned block by block through the memory map."""
+def id_range(ids: np.ndarray, limit: int | None = None) -> tuple[int, int]:
+    """(min, max) over the first `limit` ids (None: every id), block by block through the memory map."""
     lo, hi = 0, -1
-    for start in range(0, ids.size, _SCAN_BLOCK):
+    for start in range(0, ids.size if limit is None else min(limit, ids.size), _SCAN_BLOCK):
         block = np.asarray(ids[start : start + _SCAN_BLOCK])
         b_lo, b_hi = int(block.min()), int(block.max())
         lo, hi = (b_lo, b_hi) if start == 0 else (min(lo, b_lo), max(hi, b_hi))
     return lo, hi
 
 
-def open_token_file(path: str | None, vocab_size: int) -> np.ndarray:
-    """A read-only 1-D memory map of the ids in `path` (.bin or .npy), every id checked
-    against the vocab (a file of another tokenizer or dtype fails here, not mid-run).
+def open_token_file(path: str | None, vocab_size: int, check_all: bool = True) -> np.ndarray:
+    """A read-only 1-D memory map of the ids in `path` (.bin or .npy), checked against the vocab
+    (a file of another tokenizer or dtype fails here, not mid-run).
 
     Args:
         path: the token file.
         vocab_size: the tokenizer's vocab size; picks a `.bin` file's dtype and
             bounds the ids.
+        check_all: scan every id (what `launch check` does once, before the ranks
+            start); False checks the first `_SCAN_BLOCK` ids only, so that each rank
+            of a large run does not read the whole file again. Default: True.
     """
     allowed = "dataset 'tokens' reads a .bin file of raw token ids or a 1-D .npy array"
     if not path:
@@ -77,10 +81,11 @@ def open_token_file(path: str | None, vocab_size: int) -> np.ndarray:
         ids = np.memmap(path, dtype=dtype, mode="r")
     else:
         raise DataConfigError("dataset_path", path, f"wrong file extension; {allowed}")
-    lo, hi = id_range(ids)
+    lo, hi = id_range(ids, None if check_all else _SCAN_BLOCK)
     if ids.size and (hi >= vocab_size or lo < 0):
+        where = "" if check_all else f" in the first {min(ids.size, _SCAN_BLOCK):,}"
         reason = (
-            f"holds ids outside [0, {vocab_size}), the tokenizer's vocab (ids {lo}..{hi}); "
+            f"holds ids outside [0, {vocab_size}), the tokenizer's vocab (ids {lo}..{hi}{where}); "
             f"was it written with another tokenizer or dtype ({ids.dtype})?"
         )
         raise DataConfigError("dataset_path", path, reason)
@@ -109,7 +114,8 @@ class TokenFileDataset(IterableDataset, Stateful):
         dp_world_size: int = 1,
         infinite: bool = False,
     ) -> None:
-        ids = open_token_file(path, vocab_size)
+        # `launch check` scanned every id before the ranks started.
+        ids = open_token_file(path, vocab_size, check_all=False)
         self.path = path
         self.vocab_size = vocab_size
         self.seq_len = seq_len
