@@ -103,7 +103,7 @@ def build_prompt(tokenizer, length: int, depth: float, key: str) -> dict:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if size(mid) <= length else (lo, mid)
     head, text = _text(lo, depth, key)
-    # The key line starts after the head and its separating space; depth_actual places it
+    # The key line starts right after the head (its first token carries the space); depth_actual places it
     # between its first possible position (after the instruction) and its last (after all filler).
     position = len(_encode(tokenizer, head, bos=True))
     first = len(_encode(tokenizer, _text(lo, 0.0, key)[0], bos=True))
