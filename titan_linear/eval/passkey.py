@@ -21,7 +21,6 @@ Two scores per prompt, averaged over `--trials` keys per (length, depth):
   per digit (the sum / --digits) and per token.
 """
 
-import math
 import random
 import re
 import sys
