@@ -1,0 +1,340 @@
+"""Multi-query associative recall (MQAR): how well each layer map recalls, from the command line.
+
+    python -m titan_linear.eval.mqar --out results/mqar.json --plot results/mqar.png \\
+        [--ratios 0 0.25 0.5 0.75 1] [--layer-maps SLLL ...] [--kv-pairs 4 8 16 32 64] \\
+        [--seq-len 256] [--vocab 8192] [--n-layers 4] [--dim 128] [--heads 2] [--ffn-hidden 0] \\
+        [--lrs 1e-4 3e-4 1e-3 3e-3] [--train-examples 100000] [--test-examples 3000] \\
+        [--epochs 16] [--batch-size 256] [--early-stop 0.99] [--gap-power 0.01] [--zero-filler] \\
+        [--device cpu|cuda] [--dtype bf16|fp32] [--compile] [--seed 0]
+
+For every layer map (one per `--ratios` value, placed as training places it, uniform; plus
+every explicit `--layer-maps` string, S = softmax, L = linear, one letter per layer) and every
+`--kv-pairs` count, it trains a fresh model of the project's own classes (HybridModelArgs /
+HybridTransformer, built on meta and materialised with `init_weights`, vocab = the MQAR vocab)
+once per learning rate of `--lrs`, from the same initial weights: AdamW (weight decay 0.1),
+cosine decay to 0 over `--epochs`, test accuracy after every epoch, early stop once it reaches
+`--early-stop`. The best learning rate's best test accuracy is the result of (layer map, kv).
+The data follow Zoology's recipe (titan_linear/eval/mqar_data.py).
+
+Default grid: ratios 0, 0.25, 0.5, 0.75, 1 of 4 layers (SSSS, SSLS, SLSL, LLSL, LLLL, as
+`place_layers` places them) x kv 4, 8, 16, 32, 64 at T = 256, V = 8192, dim 128, 2 heads, 4 learning rates,
+100k train / 3k test examples, at most 16 epochs of batch 256: 100 training runs.
+
+Differences from Zoology: 4 layers by default (Zoology: 2; `--n-layers 2` gives theirs); the
+blocks are llama3's, with RMSNorm and RoPE on the softmax layers; `--ffn-hidden 0` (default)
+removes the SwiGLU FFN's width (Zoology's MLP-free models), a positive value keeps an FFN of
+that hidden width. Loss and accuracy are computed on the queried positions only (the others
+carry no label), so the output layer runs on those positions alone.
+
+On CUDA the forward runs under bf16 autocast (`--dtype fp32` turns it off) and `--compile`
+compiles it (one compiled step function, shared by every model of the same shape). The runs go
+one after another: running several small models at once on one GPU (`--parallel`) is not built.
+
+Output: JSON with the settings and, per (layer map, kv), the best accuracy, best lr, its steps,
+every learning rate's final accuracy and its curve (accuracy and loss per epoch); with
+`--plot`, accuracy against kv pairs, one line per layer map. Bad input stops with one line
+naming the flag and the value, exit status 2, and writes nothing.
+
+NOT YET CHECKED: the benchmark is right only if softmax (ratio 0) reaches >= 0.99 at T = 256
+with 16-64 pairs, as in Zoology; that run (and the time of the default grid on one H200, meant
+to be under 20 minutes) has not been made yet: it was written in a session without a GPU.
+The CPU tests show a tiny softmax model learning a tiny MQAR well above chance.
+"""
+
+import importlib.util
+import math
+import sys
+import time
+import warnings
+
+from titan_linear.cli import device_and_dtype, Parser, run_main, write_json
+
+PROG = "titan_linear.eval.mqar"
+DEFAULT_RATIOS = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def _parser() -> Parser:
+    p = Parser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="the JSON result file")
+    p.add_argument("--plot", default=None, help="a PNG of accuracy against kv pairs (needs matplotlib)")
+    p.add_argument("--ratios", type=float, nargs="+", default=None,
+                   help="linear-attention ratios, placed uniformly (default 0 0.25 0.5 0.75 1 "
+                        "unless --layer-maps is given)")
+    p.add_argument("--layer-maps", nargs="+", default=[], help="explicit maps, e.g. SLLL (S softmax, L linear)")
+    p.add_argument("--kv-pairs", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--ffn-hidden", type=int, default=0, help="SwiGLU hidden width; 0 (default) removes the FFN")
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3])
+    p.add_argument("--train-examples", type=int, default=100_000)
+    p.add_argument("--test-examples", type=int, default=3_000)
+    p.add_argument("--epochs", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--early-stop", type=float, default=0.99, help="stop a run once test accuracy reaches this")
+    p.add_argument("--gap-power", type=float, default=0.01, help="query-gap power law (Zoology's 0.01; 1 = uniform)")
+    p.add_argument("--zero-filler", action="store_true", help="token 0 between queries (default: random tokens)")
+    p.add_argument("--device", default=None, help="cpu or cuda; default cuda when there is one")
+    p.add_argument("--dtype", default=None, help="bf16 (autocast, cuda only) or fp32; default bf16 on cuda")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training and test steps")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data, the initial weights and the batch order")
+    return p
+
+
+def _bad(flag: str, value, allowed: str) -> ValueError:
+    return ValueError(f"--{flag} = {value!r} is not allowed: {allowed}")
+
+
+def layer_maps(args) -> list[tuple[str, str]]:
+    """(label, map) per model to train: ratios first, then explicit maps; repeats dropped."""
+    from titan_linear.models.hybrid.placement import layer_map_string, place_layers
+
+    n = args.n_layers
+    ratios = args.ratios if args.ratios is not None else ([] if args.layer_maps else DEFAULT_RATIOS)
+    out, seen = [], set()
+    for r in ratios:
+        if not (math.isfinite(r) and 0.0 <= r <= 1.0):
+            raise _bad("ratios", r, "numbers in [0, 1]")
+        m = layer_map_string(n, place_layers(n, r, "uniform"))
+        if m not in seen:
+            out.append((f"ratio {r:g} ({m})", m))
+            seen.add(m)
+    for m in args.layer_maps:
+        if len(m) != n or set(m) - {"S", "L"}:
+            raise _bad("layer-maps", m, f"{n} letters S or L, one per layer (--n-layers {n})")
+        if m not in seen:
+            out.append((m, m))
+            seen.add(m)
+    return out
+
+
+def check_args(args):
+    """Every flag checked before anything runs: (maps, device, dtype). Raises ValueError."""
+    from titan_linear.eval.mqar_data import MQARSpec
+
+    positive = ("seq-len", "vocab", "n-layers", "dim", "heads", "train-examples", "test-examples",
+                "epochs", "batch-size")
+    for flag in positive:
+        value = getattr(args, flag.replace("-", "_"))
+        if value < 1:
+            raise _bad(flag, value, "an integer >= 1")
+    if args.ffn_hidden < 0:
+        raise _bad("ffn-hidden", args.ffn_hidden, "an integer >= 0")
+    if args.dim % args.heads or (args.dim // args.heads) % 2:
+        raise _bad("heads", args.heads, f"a divisor of --dim {args.dim} giving an even head dim (RoPE)")
+    for lr in args.lrs:
+        if not (math.isfinite(lr) and lr > 0):
+            raise _bad("lrs", lr, "numbers > 0")
+    if not 0 < args.early_stop <= 1:
+        raise _bad("early-stop", args.early_stop, "a number in (0, 1]")
+    if not (math.isfinite(args.gap_power) and args.gap_power > 0):
+        raise _bad("gap-power", args.gap_power, "a number > 0")
+    for kv in args.kv_pairs:
+        problems = MQARSpec(args.seq_len, kv, args.vocab).problems()
+        if problems:
+            raise _bad("kv-pairs", kv, problems[0][2].replace("seq_len", "--seq-len").replace("vocab", "--vocab"))
+    maps = layer_maps(args)
+    device, dtype = device_and_dtype(args)
+    if dtype == "bf16" and device.type != "cuda":
+        raise _bad("dtype", args.dtype, "fp32 on cpu (bf16 autocast is for cuda)")
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise _bad("plot", args.plot, "a path only where matplotlib is installed (pip install matplotlib)")
+    return maps, device, dtype
+
+
+def build_model(layer_map: str, args, device):
+    """A HybridTransformer with `layer_map`, materialised on `device` with init_weights from `--seed`.
+
+    Its output layer is returned apart, `(model, head)`, with `model.output = None` (torchtitan's
+    pass-through), so the model returns hidden states and the head runs on queried positions only.
+    """
+    import torch
+
+    from titan_linear.models.hybrid import HybridModelArgs, HybridTransformer
+
+    base = int(2 * 4 * args.dim / 3)  # llama3's SwiGLU width before ffn_dim_multiplier
+    margs = HybridModelArgs(
+        dim=args.dim, n_layers=args.n_layers, n_heads=args.heads, n_kv_heads=args.heads,
+        vocab_size=args.vocab, max_seq_len=args.seq_len, multiple_of=1,
+        # (h + 0.5) / base makes int(multiplier * base) exactly h, 0 included.
+        ffn_dim_multiplier=(args.ffn_hidden + 0.5) / base,
+        linear_attn_layers=tuple(i for i, c in enumerate(layer_map) if c == "L"),
+    )
+    assert margs.layer_map == layer_map, (margs.layer_map, layer_map)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # --ffn-hidden 0
+        model = HybridTransformer(margs)
+    model.to_empty(device=device)
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        model.init_weights(buffer_device=device)
+    head, model.output = model.output, None
+    return model, head
+
+
+def _query_logits(model, head, tokens, positions):
+    """Logits at the queried positions: (batch, kv_pairs, vocab)."""
+    h = model(tokens)  # (batch, seq_len, dim): the model's output layer is set apart
+    h = h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))
+    return head(h)
+
+
+def _loss_and_hits(model, head, tokens, positions, targets):
+    import torch.nn.functional as F
+
+    logits = _query_logits(model, head, tokens, positions).float()
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    hits = (logits.argmax(-1) == targets).sum()
+    return loss, hits
+
+
+def train_one(layer_map: str, lr: float, data, args, device, dtype, step_fn) -> dict:
+    """Train one model at one learning rate; its curve and results."""
+    import torch
+
+    (x_train, q_train, y_train), (x_test, q_test, y_test) = data
+    model, head = build_model(layer_map, args, device)
+    params = [p for p in list(model.parameters()) + list(head.parameters())]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
+    n = x_train.shape[0]
+    per_epoch = math.ceil(n / args.batch_size)
+    total = per_epoch * args.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    order = torch.Generator().manual_seed(args.seed)
+    curve, step, best, stopped, diverged = [], 0, 0.0, False, False
+    t0 = time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        perm = torch.randperm(n, generator=order).to(device)
+        loss_sum = torch.zeros((), device=device)
+        for i in range(0, n, args.batch_size):
+            idx = perm[i:i + args.batch_size]
+            with autocast:
+                loss, _ = step_fn(model, head, x_train[idx], q_train[idx], y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach()
+            step += 1
+        train_loss = (loss_sum / per_epoch).item()
+        acc = evaluate(model, head, (x_test, q_test, y_test), args.batch_size, autocast, step_fn)
+        curve.append({"epoch": epoch, "step": step, "train_loss": train_loss, "test_accuracy": acc})
+        best = max(best, acc)
+        if not math.isfinite(train_loss):
+            diverged = True
+            break
+        if acc >= args.early_stop:
+            stopped = True
+            break
+    return {
+        "lr": lr, "accuracy": best, "final_accuracy": curve[-1]["test_accuracy"], "steps": step,
+        "epochs": len(curve), "early_stopped": stopped, "diverged": diverged,
+        "seconds": round(time.perf_counter() - t0, 2), "curve": curve,
+    }
+
+
+def evaluate(model, head, test, batch_size, autocast, step_fn) -> float:
+    """Accuracy over the queried positions of the test set."""
+    import torch
+
+    x, q, y = test
+    model.eval()
+    hits = torch.zeros((), dtype=torch.long, device=x.device)
+    with torch.no_grad(), autocast:
+        for i in range(0, x.shape[0], batch_size):
+            hits += step_fn(model, head, x[i:i + batch_size], q[i:i + batch_size], y[i:i + batch_size])[1]
+    return hits.item() / y.numel()
+
+
+def load_data(kv: int, args, device):
+    """((inputs, query positions, targets) train, same test) on `device` for `kv` pairs."""
+    from titan_linear.eval.mqar_data import IGNORE, make_mqar, MQARSpec
+
+    spec = MQARSpec(args.seq_len, kv, args.vocab, args.gap_power, not args.zero_filler)
+    out = []
+    for split, n in (("train", args.train_examples), ("test", args.test_examples)):
+        x, y = make_mqar(spec, n, args.seed, split)
+        # Exactly kv labelled positions per row: a fixed shape for the compiled step.
+        q = (y != IGNORE).int().topk(kv, dim=1).indices.sort(dim=1).values
+        out.append((x.to(device), q.to(device), y.gather(1, q).to(device)))
+    return tuple(out)
+
+
+def run_grid(maps, args, device, dtype, log=print) -> list[dict]:
+    """Train every (layer map, kv, lr); one result per (layer map, kv)."""
+    import torch
+
+    step_fn = _loss_and_hits
+    if args.compile:
+        # Every layer map and kv count is a new graph; keep them all compiled.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
+                                                     4 * len(maps) * len(args.kv_pairs))
+        step_fn = torch.compile(_loss_and_hits)
+    results = []
+    for kv in args.kv_pairs:
+        data = load_data(kv, args, device)
+        for label, layer_map in maps:
+            runs = [train_one(layer_map, lr, data, args, device, dtype, step_fn) for lr in args.lrs]
+            best = max(runs, key=lambda r: (r["accuracy"], -r["steps"]))
+            results.append({
+                "label": label, "layer_map": layer_map, "kv_pairs": kv, "accuracy": best["accuracy"],
+                "best_lr": best["lr"], "steps": best["steps"],
+                "per_lr_final_accuracy": {f"{r['lr']:g}": r["final_accuracy"] for r in runs}, "runs": runs,
+            })
+            log(f"{layer_map} kv {kv}: accuracy {best['accuracy']:.4f} at lr {best['lr']:g} "
+                f"({best['steps']} steps; {sum(r['seconds'] for r in runs):.1f} s for {len(runs)} lrs)")
+    return results
+
+
+def plot(results: list[dict], path: str, title: str) -> None:
+    """Accuracy against kv pairs, one line per layer map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label in dict.fromkeys(r["label"] for r in results):
+        rows = sorted((r["kv_pairs"], r["accuracy"]) for r in results if r["label"] == label)
+        ax.plot([k for k, _ in rows], [a for _, a in rows], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("key-value pairs")
+    ax.set_ylabel("test accuracy (best lr)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(argv: list[str]) -> int:
+    """Parse, check, train the grid, write the JSON (and PNG). Raises ValueError on bad input."""
+    args = _parser().parse_args(argv)
+    maps, device, dtype = check_args(args)
+    import torch
+
+    t0 = time.perf_counter()
+    results = run_grid(maps, args, device, dtype, log=lambda s: print(s, file=sys.stderr, flush=True))
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "plot")}
+    settings.update(device=device.type, dtype=dtype, layer_maps=[m for _, m in maps],
+                    labels=[label for label, _ in maps], weight_decay=0.1, schedule="cosine to 0, no warmup")
+    write_json(args.out, {
+        "tool": "mqar", "settings": settings, "torch": torch.__version__,
+        "seconds": round(time.perf_counter() - t0, 1), "results": results,
+    })
+    if args.plot:
+        plot(results, args.plot, f"MQAR, T = {args.seq_len}, V = {args.vocab}, {args.n_layers} layers, d = {args.dim}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(PROG, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
