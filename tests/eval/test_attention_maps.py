@@ -4,6 +4,7 @@ flags, one line, exit 2 and nothing."""
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -132,18 +133,24 @@ BAD = [
     (["--text", "a", "--text-file", "b"], "--text-file"),
     (["--text", "ROMEO:", "--dtype", "fp8"], "--dtype = 'fp8'"),
 ]
-if not _has_matplotlib():
-    BAD.append((["--text", "ROMEO:", "--plot", "PLOT"], "needs matplotlib"))
 
 
 @pytest.mark.parametrize("extra,expected", BAD, ids=[b[1].split()[0] for b in BAD])
 def test_command_bad_flags_are_one_line_exit_2_and_write_nothing(extra, expected, tmp_path, capsys):
-    extra = [str(tmp_path / "plot.png") if x == "PLOT" else x for x in extra]
     rc = main(["--config", DEBUG_TOML, "--random-init", "--out", str(tmp_path / "out.json"), *extra])
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1 and expected in err, err
     assert err.startswith("titan_linear.eval.attention_maps: error:")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_without_matplotlib_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    rc = main(["--config", DEBUG_TOML, "--random-init", "--text", "ROMEO:", "--out", str(tmp_path / "out.json"),
+               "--plot", str(tmp_path / "grid.png")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--plot" in err and "needs matplotlib" in err, err
     assert list(tmp_path.iterdir()) == []
 
 

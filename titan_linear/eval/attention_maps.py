@@ -227,7 +227,7 @@ def plot_maps(maps: dict[int, "object"], kinds: dict[int, str], path: str, title
     layers = sorted(maps)
     n_heads = max(m.shape[0] for m in maps.values())
     fig, axes = plt.subplots(len(layers), n_heads, figsize=(1.2 * n_heads + 1, 1.2 * len(layers) + 0.8),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     # One colour scale for every panel (sqrt, so that spread-out rows stay visible).
     norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
     image = None
