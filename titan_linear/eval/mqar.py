@@ -132,9 +132,15 @@ def check_args(args):
     if not (math.isfinite(args.gap_power) and args.gap_power > 0):
         raise _bad("gap-power", args.gap_power, "a number > 0")
     for kv in args.kv_pairs:
-        problems = MQARSpec(args.seq_len, kv, args.vocab).problems()
-        if problems:
-            raise _bad("kv-pairs", kv, problems[0][2].replace("seq_len", "--seq-len").replace("vocab", "--vocab"))
+        spec = MQARSpec(args.seq_len, kv, args.vocab)
+        if kv < 1:
+            raise _bad("kv-pairs", kv, "integers >= 1")
+        if kv > spec.max_pairs_for_len():
+            raise _bad("kv-pairs", kv, f"at most {spec.max_pairs_for_len()} for --seq-len {args.seq_len} "
+                                       "(pairs and queries: 4 * kv <= seq len)")
+        if kv > args.vocab // 2 - 1:
+            raise _bad("kv-pairs", kv, f"at most {max(args.vocab // 2 - 1, 0)} for --vocab {args.vocab} "
+                                       "(distinct keys from [1, vocab / 2))")
     maps = layer_maps(args)
     device, dtype = device_and_dtype(args)
     if dtype == "bf16" and device.type != "cuda":

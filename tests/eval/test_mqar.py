@@ -1,0 +1,128 @@
+"""MQAR: the data follow the recipe, a tiny softmax model learns it, the CLI writes its result
+and refuses bad flags with one line (titan_linear/eval/mqar.py, mqar_data.py)."""
+
+import json
+
+import pytest
+import torch
+
+from titan_linear.eval import mqar
+from titan_linear.eval.mqar_data import IGNORE, make_mqar, MQARSpec
+
+
+@pytest.mark.parametrize("random_filler", [True, False], ids=["random-filler", "zero-filler"])
+@pytest.mark.parametrize("T,N,V", [(32, 4, 64), (64, 16, 40), (256, 64, 8192)], ids=lambda v: str(v))
+def test_make_mqar_follows_the_recipe(T, N, V, random_filler):
+    spec = MQARSpec(T, N, V, random_filler=random_filler)
+    x, y = make_mqar(spec, 300, seed=0)
+    assert x.shape == y.shape == (300, T)
+    keys, values = x[:, 0:2 * N:2], x[:, 1:2 * N:2]
+    assert keys.min() >= 1 and keys.max() < V // 2
+    assert values.min() >= V // 2 and values.max() < V
+    assert (keys.sort(dim=1).values.diff(dim=1) > 0).all(), "keys repeat within an example"
+    assert (values.sort(dim=1).values.diff(dim=1) > 0).all(), "values repeat within an example"
+    labelled = y != IGNORE
+    assert (labelled.sum(dim=1) == N).all() and not labelled[:, :2 * N].any()
+    for row in range(0, 300, 7):
+        pairs = dict(zip(keys[row].tolist(), values[row].tolist()))
+        pos = labelled[row].nonzero().flatten().tolist()
+        # every key is queried once, and its label is its own pair's value
+        assert sorted(x[row, pos].tolist()) == sorted(pairs)
+        assert all(y[row, p].item() == pairs[x[row, p].item()] for p in pos)
+    if not random_filler:
+        rest = torch.ones_like(labelled)
+        rest[:, :2 * N] = False
+        assert (x[rest & ~labelled] == 0).all()
+
+
+def test_make_mqar_is_deterministic_and_splits_differ():
+    spec = MQARSpec(64, 8, 256)
+    a, b = make_mqar(spec, 50, seed=3), make_mqar(spec, 50, seed=3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], make_mqar(spec, 50, seed=4)[0])
+    test = make_mqar(spec, 50, seed=3, split="test")
+    assert not torch.equal(a[0], test[0])
+    assert not (a[0][:, None, :] == test[0][None, :, :]).all(-1).any(), "a test example is a train example"
+
+
+def test_make_mqar_refuses_pairs_that_do_not_fit():
+    with pytest.raises(ValueError, match="kv_pairs = 9 .*seq_len 32"):
+        make_mqar(MQARSpec(32, 9, 64), 1, 0)
+    with pytest.raises(ValueError, match="kv_pairs = 40 .*vocab 64"):
+        make_mqar(MQARSpec(256, 40, 64), 1, 0)
+
+
+def test_mqar_softmax_model_learns_tiny_recall():
+    """The benchmark can be learned: 2 softmax layers, T 32, 4 pairs, vocab 64 (chance 1/32;
+    pointing at a value of the context without binding it to its key gives about 1/4)."""
+    args = mqar._parser().parse_args(
+        "--out unused.json --ratios 0 --kv-pairs 4 --seq-len 32 --vocab 64 --n-layers 2 --dim 64 "
+        "--heads 2 --lrs 3e-3 --train-examples 8000 --test-examples 256 --batch-size 64 --epochs 6 "
+        "--device cpu --seed 0".split()
+    )
+    maps, device, dtype = mqar.check_args(args)
+    (result,) = mqar.run_grid(maps, args, device, dtype, log=lambda s: None)
+    curve = result["runs"][0]["curve"]
+    assert curve[-1]["train_loss"] < curve[0]["train_loss"]
+    assert result["accuracy"] >= 0.6, curve
+
+
+TINY = ("--kv-pairs 2 4 --seq-len 16 --vocab 32 --n-layers 2 --dim 32 --heads 2 --lrs 1e-3 3e-3 "
+        "--train-examples 64 --test-examples 32 --epochs 2 --batch-size 32 --device cpu").split()
+
+
+def test_mqar_cli_writes_the_grid(tmp_path, capsys):
+    out = tmp_path / "r" / "mqar.json"
+    assert mqar.main(["--out", str(out), "--ratios", "0", "1", "--layer-maps", "SL", "SS", *TINY]) == 0
+    result = json.loads(out.read_text())
+    s = result["settings"]
+    assert s["layer_maps"] == ["SS", "LL", "SL"]  # "SS" given twice (ratio 0 and explicit): once
+    assert s["kv_pairs"] == [2, 4] and s["lrs"] == [1e-3, 3e-3] and s["seq_len"] == 16
+    rows = result["results"]
+    assert sorted((r["layer_map"], r["kv_pairs"]) for r in rows) == sorted(
+        (m, kv) for m in ("SS", "LL", "SL") for kv in (2, 4))
+    for r in rows:
+        assert set(r) >= {"label", "layer_map", "kv_pairs", "accuracy", "best_lr", "steps",
+                          "per_lr_final_accuracy", "runs"}
+        assert set(r["per_lr_final_accuracy"]) == {"0.001", "0.003"}
+        assert r["accuracy"] == max(run["accuracy"] for run in r["runs"]) and 0 <= r["accuracy"] <= 1
+        assert r["best_lr"] in (1e-3, 3e-3) and r["steps"] == 4  # 2 epochs of 64 / 32, no early stop
+        assert [c["epoch"] for c in r["runs"][0]["curve"]] == [1, 2]
+    assert len(capsys.readouterr().err.strip().splitlines()) == len(rows)  # one progress line each
+
+
+def test_mqar_plot_needs_matplotlib_or_writes_png(tmp_path, capsys):
+    out, png = tmp_path / "m.json", tmp_path / "m.png"
+    argv = ["--out", str(out), "--plot", str(png), "--ratios", "0", *TINY[:2], *TINY[3:]]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert mqar.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--plot" in err[0] and "matplotlib" in err[0]
+        assert not out.exists() and not png.exists()
+    else:
+        assert mqar.main(argv) == 0
+        assert out.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--ratios", "1.5"], "--ratios = 1.5"),
+    (["--layer-maps", "SX"], "--layer-maps = 'SX'"),
+    (["--layer-maps", "SLS"], "--layer-maps = 'SLS'"),
+    (["--kv-pairs", "5"], "--kv-pairs = 5"),  # 4 * 5 > --seq-len 16
+    (["--kv-pairs", "4", "--seq-len", "64", "--vocab", "8"], "--kv-pairs = 4"),  # keys from [1, 4)
+    (["--heads", "3"], "--heads = 3"),
+    (["--lrs", "0"], "--lrs = 0.0"),
+    (["--early-stop", "1.5"], "--early-stop = 1.5"),
+    (["--epochs", "0"], "--epochs = 0"),
+    (["--dtype", "bf16"], "--dtype = 'bf16'"),
+    (["--device", "tpu"], "--device = 'tpu'"),
+    (["--kv-pairs", "two"], "--kv-pairs"),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_mqar_bad_flag_is_one_line_exit_2(tmp_path, capsys, flags, named):
+    out = tmp_path / "bad.json"
+    assert mqar.main(["--out", str(out), *TINY, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0], err
+    assert not out.exists() and not list(tmp_path.iterdir())
