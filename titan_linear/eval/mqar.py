@@ -38,7 +38,9 @@ naming the flag and the value, exit status 2, and writes nothing.
 NOT YET CHECKED: the benchmark is right only if softmax (ratio 0) reaches >= 0.99 at T = 256
 with 16-64 pairs, as in Zoology; that run (and the time of the default grid on one H200, meant
 to be under 20 minutes) has not been made yet: it was written in a session without a GPU.
-The CPU tests show a tiny softmax model learning a tiny MQAR well above chance.
+The CPU tests show a tiny softmax model learning a tiny MQAR (T 32, 4 pairs, vocab 64) to
+>= 0.98 within 3 epochs for 5 of 5 seeds; `--compile` was run on the CPU (Inductor) on a tiny
+grid only, never on CUDA.
 """
 
 import importlib.util
