@@ -204,7 +204,7 @@ def train_one(layer_map: str, lr: float, data, args, device, dtype, step_fn) -> 
 
     (x_train, q_train, y_train), (x_test, q_test, y_test) = data
     model, head = build_model(layer_map, args, device)
-    params = [p for p in list(model.parameters()) + list(head.parameters())]
+    params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
     n = x_train.shape[0]
     per_epoch = math.ceil(n / args.batch_size)
