@@ -52,7 +52,17 @@ def test_make_mqar_refuses_pairs_that_do_not_fit():
         make_mqar(MQARSpec(256, 40, 64), 1, 0)
 
 
-def test_mqar_softmax_model_learns_tiny_recall():
+@pytest.fixture
+def one_thread():
+    # Two intra-op threads on a shared 2-core machine spin against other processes: 5 s
+    # becomes minutes. One thread keeps the test fast wherever it runs.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_mqar_softmax_model_learns_tiny_recall(one_thread):
     """The benchmark can be learned: 2 softmax layers, T 32, 4 pairs, vocab 64 (chance 1/32;
     pointing at a value of the context without binding it to its key gives about 1/4)."""
     args = mqar._parser().parse_args(
