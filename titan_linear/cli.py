@@ -78,6 +78,7 @@ class Loaded:
     device: Any
     dtype: Any  # a torch.dtype
     source: str  # the checkpoint path, or "random init"
+    dtype_name: str = "fp32"  # as --dtype names it: "bf16" or "fp32"
 
     @property
     def layer_map(self) -> str:
@@ -90,7 +91,7 @@ class Loaded:
             "flavor": self.job_config.model.flavor, "layer_map": self.layer_map,
             "n_layers": self.model_args.n_layers, "dim": self.model_args.dim,
             "training_seq_len": self.job_config.training.seq_len, "weights": self.source,
-            "device": self.device.type, "dtype": str(self.dtype).replace("torch.", ""),
+            "device": self.device.type, "dtype": self.dtype_name,
         }
 
 
@@ -118,7 +119,7 @@ def load_model(args, overrides: list[str], max_len: int | None = None) -> Loaded
     source = "random init" if args.random_init else load_model_weights(model, args.checkpoint)
     torch_dtype = getattr(torch, DTYPES[dtype])
     prepare_model(model, torch_dtype, max_len=max_len)
-    return Loaded(job_config, model_args, model, tokenizer, device, torch_dtype, source)
+    return Loaded(job_config, model_args, model, tokenizer, device, torch_dtype, source, dtype)
 
 
 def write_json(path: str, obj: Any) -> None:
