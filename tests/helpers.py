@@ -12,8 +12,9 @@ OELM_TOML = str(REPO / "train_configs" / "debug_oelm.toml")
 from titan_linear.models.hybrid import hybrid_args, HybridModelArgs, HybridTransformer
 
 
-def debug_args(**changes) -> HybridModelArgs:
-    args = copy.deepcopy(hybrid_args["debugmodel"])
+def debug_args(base: HybridModelArgs | None = None, **changes) -> HybridModelArgs:
+    """A copy of `base` (default: the hybrid's debug flavor) at 64 positions, with `changes` set."""
+    args = copy.deepcopy(hybrid_args["debugmodel"] if base is None else base)
     args.max_seq_len = 64
     for k, v in changes.items():
         setattr(args, k, v)

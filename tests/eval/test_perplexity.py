@@ -6,7 +6,6 @@ import math
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from titan_linear.eval import perplexity
 

@@ -1,8 +1,6 @@
 """OELMTransformer: frozen Haar-orthogonal projections, freeze placement, parameter report, config errors."""
 
 import copy
-
-from tests import helpers
 import re
 
 import pytest
@@ -11,14 +9,11 @@ import torch
 from titan_linear.launch import check
 from titan_linear.models.oelm import oelm_args, OELMModelArgs, OELMTransformer, orthogonal_weight, parameter_report
 from titan_linear.recipe import build_grouped_optimizers
+from tests import helpers
 
 
 def oelm_debug(**changes) -> OELMModelArgs:
-    args = copy.deepcopy(oelm_args["debugmodel"])
-    args.max_seq_len = 64
-    for k, v in changes.items():
-        setattr(args, k, v)
-    return args
+    return helpers.debug_args(oelm_args["debugmodel"], **changes)
 
 
 def build(args: OELMModelArgs, seed: int = 0) -> OELMTransformer:

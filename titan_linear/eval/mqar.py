@@ -49,6 +49,7 @@ import time
 import warnings
 
 from titan_linear.cli import device_and_dtype, Parser, run_main, write_json
+from titan_linear.eval.report import pyplot, save_figure
 
 PROG = "titan_linear.eval.mqar"
 DEFAULT_RATIOS = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -299,10 +300,7 @@ def run_grid(maps, args, device, dtype, log=print) -> list[dict]:
 
 def plot(results: list[dict], path: str, title: str) -> None:
     """Accuracy against kv pairs, one line per layer map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label in dict.fromkeys(r["label"] for r in results):
@@ -314,9 +312,7 @@ def plot(results: list[dict], path: str, title: str) -> None:
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def run(argv: list[str]) -> int:

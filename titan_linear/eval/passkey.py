@@ -28,7 +28,7 @@ import sys
 import torch
 
 from titan_linear.cli import load_model, model_parser, run_main, split_overrides, write_json
-from titan_linear.eval.report import pyplot
+from titan_linear.eval.report import pyplot, save_figure
 
 PROG = "titan_linear.eval.passkey"
 INSTRUCTION = "Find the pass key in this text."
@@ -190,10 +190,7 @@ def plot(records: list[dict], lengths, depths, path: str, title: str) -> None:
             for j, v in enumerate(row):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
         fig.colorbar(im, ax=ax)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path, title)
 
 
 def run(argv: list[str]) -> int:

@@ -28,7 +28,7 @@ import time
 import torch
 
 from titan_linear.cli import load_model, model_parser, run_main, split_overrides, write_json
-from titan_linear.eval.report import peak_memory, pyplot, reset_peak_memory
+from titan_linear.eval.report import peak_memory, pyplot, reset_peak_memory, save_figure
 
 PROG = "titan_linear.eval.perplexity"
 IGNORE_INDEX = -100  # torchtitan.components.loss.IGNORE_INDEX
@@ -188,9 +188,7 @@ def plot(results: list[dict], path: str, title: str) -> None:
     ax.set_ylabel("cross-entropy (nats)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 def run(argv: list[str]) -> int:

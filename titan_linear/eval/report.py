@@ -18,6 +18,15 @@ def pyplot(flag: str = "--plot"):
     return plt
 
 
+def save_figure(plt, fig, path: str, title: str | None = None) -> None:
+    """Title, tight layout, PNG at 120 dpi, close: how every evaluation tool writes its plot."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
