@@ -136,3 +136,27 @@ def test_mqar_bad_flag_is_one_line_exit_2(tmp_path, capsys, flags, named):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and named in err[0], err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_mqar_parallel_workers_give_the_serial_results(tmp_path, capsys, one_thread):
+    """--parallel 2 (two spawned workers, one thread each) writes the accuracies of --parallel 1."""
+    argv = ["--ratios", "0", "1", "--kv-pairs", "2", "--seq-len", "16", "--vocab", "32", "--n-layers", "2",
+            "--dim", "16", "--heads", "2", "--lrs", "1e-3", "3e-3", "--train-examples", "32",
+            "--test-examples", "16", "--epochs", "1", "--batch-size", "16", "--device", "cpu"]
+    got = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}.json"
+        assert mqar.main(["--out", str(out), "--parallel", str(n), *argv]) == 0
+        result = json.loads(out.read_text())
+        assert result["settings"]["parallel"] == n
+        got[n] = [(r["layer_map"], r["kv_pairs"], r["accuracy"], r["best_lr"], r["per_lr_final_accuracy"],
+                   [[c["train_loss"] for c in run["curve"]] for run in r["runs"]]) for r in result["results"]]
+        assert len(capsys.readouterr().err.strip().splitlines()) == 2  # one progress line per (map, kv)
+    assert [g[:2] for g in got[1]] == [("SS", 2), ("LL", 2)]
+    assert got[2] == got[1]
+
+    out = tmp_path / "p0.json"
+    assert mqar.main(["--out", str(out), "--parallel", "0", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--parallel = 0" in err[0], err
+    assert not out.exists()

@@ -5,7 +5,7 @@
         [--seq-len 256] [--vocab 8192] [--n-layers 4] [--dim 128] [--heads 2] [--ffn-hidden 0] \\
         [--lrs 1e-4 3e-4 1e-3 3e-3] [--train-examples 100000] [--test-examples 3000] \\
         [--epochs 16] [--batch-size 256] [--early-stop 0.99] [--gap-power 0.01] [--zero-filler] \\
-        [--device cpu|cuda] [--dtype bf16|fp32] [--compile] [--seed 0]
+        [--device cpu|cuda] [--dtype bf16|fp32] [--compile] [--parallel 1] [--seed 0]
 
 For every layer map (one per `--ratios` value, placed as training places it, uniform; plus
 every explicit `--layer-maps` string, S = softmax, L = linear, one letter per layer) and every
@@ -28,7 +28,14 @@ carry no label), so the output layer runs on those positions alone.
 
 On CUDA the forward runs under bf16 autocast (`--dtype fp32` turns it off) and `--compile`
 compiles it (one compiled step function, shared by every model of the same shape). The runs go
-one after another: running several small models at once on one GPU (`--parallel`) is not built.
+one after another, or with `--parallel N` in N worker processes at once (torch.multiprocessing,
+"spawn", so each worker has its own CUDA context on the one GPU): every worker builds the data of
+its kv count from the same seed and runs the same training function, the results are gathered in
+the serial order, and the JSON is the same whatever N (`parallel` is recorded in the settings).
+On the CPU each worker gets the parent's torch threads divided by N (at least 1). A job's
+exception stops the command with one line naming its (layer map, kv, lr), exit status 1, and
+writes nothing. `--parallel` has not been timed on a GPU: how many models share one H200 well,
+and whether the default grid then fits in 20 minutes, is not known yet.
 
 Output: JSON with the settings and, per (layer map, kv), the best accuracy, best lr, its steps,
 every learning rate's final accuracy and its curve (accuracy and loss per epoch); with
@@ -38,11 +45,13 @@ naming the flag and the value, exit status 2, and writes nothing.
 Checked so far (benchmarks/results/eval/mqar_h200_first.txt, one H200, --compile): softmax
 (SSSS) reached 0.9963 at T = 256 with 16 pairs, Zoology's >= 0.99; all-linear (LLLL) 0.047.
 Not yet checked: 32 and 64 pairs, and the time of the default grid on one H200 (meant to be
-under 20 minutes; at 60-85 s a run, run by run it is not). The CPU tests show a tiny softmax
-model learning a tiny MQAR (T 32, 4 pairs, vocab 64) to >= 0.98 within 3 epochs for 5 of 5 seeds.
+under 20 minutes; at 60-85 s a run, run by run it is not; with `--parallel` it has not been
+timed). The CPU tests show a tiny softmax model learning a tiny MQAR (T 32, 4 pairs, vocab 64)
+to >= 0.98 within 3 epochs for 5 of 5 seeds.
 """
 
 import importlib.util
+import logging
 import math
 import sys
 import time
@@ -81,12 +90,18 @@ def _parser() -> Parser:
     p.add_argument("--device", default=None, help="cpu or cuda; default cuda when there is one")
     p.add_argument("--dtype", default=None, help="bf16 (autocast, cuda only) or fp32; default bf16 on cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile the training and test steps")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="train this many models at once, in as many worker processes (default 1: one by one)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the initial weights and the batch order")
     return p
 
 
 def _bad(flag: str, value, allowed: str) -> ValueError:
     return ValueError(f"--{flag} = {value!r} is not allowed: {allowed}")
+
+
+class JobFailed(Exception):
+    """One (layer map, kv, lr) training run raised; the message is one line naming it."""
 
 
 def layer_maps(args) -> list[tuple[str, str]]:
@@ -117,7 +132,7 @@ def check_args(args):
     from titan_linear.eval.mqar_data import MQARSpec
 
     positive = ("seq-len", "vocab", "n-layers", "dim", "heads", "train-examples", "test-examples",
-                "epochs", "batch-size")
+                "epochs", "batch-size", "parallel")
     for flag in positive:
         value = getattr(args, flag.replace("-", "_"))
         if value < 1:
@@ -272,30 +287,135 @@ def load_data(kv: int, args, device):
     return tuple(out)
 
 
-def run_grid(maps, args, device, dtype, log=print) -> list[dict]:
-    """Train every (layer map, kv, lr); one result per (layer map, kv)."""
+def _step_fn(args, n_graphs: int):
+    """The loss-and-hits step: compiled with `--compile` (room for `n_graphs` graphs)."""
     import torch
 
-    step_fn = _loss_and_hits
-    if args.compile:
-        # Every layer map and kv count is a new graph; keep them all compiled.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
-                                                     4 * len(maps) * len(args.kv_pairs))
-        step_fn = torch.compile(_loss_and_hits)
-    results = []
-    for kv in args.kv_pairs:
-        data = load_data(kv, args, device)
-        for label, layer_map in maps:
-            runs = [train_one(layer_map, lr, data, args, device, dtype, step_fn) for lr in args.lrs]
-            best = max(runs, key=lambda r: (r["accuracy"], -r["steps"]))
-            results.append({
-                "label": label, "layer_map": layer_map, "kv_pairs": kv, "accuracy": best["accuracy"],
-                "best_lr": best["lr"], "steps": best["steps"],
-                "per_lr_final_accuracy": {f"{r['lr']:g}": r["final_accuracy"] for r in runs}, "runs": runs,
-            })
-            log(f"{layer_map} kv {kv}: accuracy {best['accuracy']:.4f} at lr {best['lr']:g} "
-                f"({best['steps']} steps; {sum(r['seconds'] for r in runs):.1f} s for {len(runs)} lrs)")
-    return results
+    if not args.compile:
+        return _loss_and_hits
+    # Every layer map and kv count is a new graph; keep them all compiled.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * n_graphs)
+    return torch.compile(_loss_and_hits)
+
+
+def _jobs(maps, args) -> list[tuple[int, str, float]]:
+    """(kv, layer map, lr) per training run, in the serial order: kv, then map, then lr."""
+    return [(kv, m, lr) for kv in args.kv_pairs for _, m in maps for lr in args.lrs]
+
+
+def _job_name(job) -> str:
+    kv, layer_map, lr = job
+    return f"layer map {layer_map}, kv {kv}, lr {lr:g}"
+
+
+def _failure(job, e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"job ({_job_name(job)}) failed: {type(e).__name__}" + (f": {lines[0]}" if lines else "")
+
+
+class _Runner:
+    """Runs jobs one at a time with the same training function, holding one kv count's data."""
+
+    def __init__(self, args, device, dtype, n_graphs: int):
+        self.args, self.device, self.dtype = args, device, dtype
+        self.step_fn = _step_fn(args, n_graphs)
+        self.kv, self.data = None, None
+
+    def __call__(self, job) -> dict:
+        kv, layer_map, lr = job
+        if kv != self.kv:
+            self.kv, self.data = None, None  # free the last kv count's data first
+            self.data, self.kv = load_data(kv, self.args, self.device), kv
+        return train_one(layer_map, lr, self.data, self.args, self.device, self.dtype, self.step_fn)
+
+
+_worker_runner = None  # one per worker process
+
+
+def _init_worker(args, device, dtype, n_graphs: int, threads: int) -> None:
+    global _worker_runner
+    import torch
+
+    logging.getLogger().setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    torch.set_num_threads(threads)
+    _worker_runner = _Runner(args, device, dtype, n_graphs)
+
+
+def _worker_job(job):
+    """("ok", run) or ("error", one line): an exception never crosses back with its traceback."""
+    try:
+        return "ok", _worker_runner(job)
+    except Exception as e:  # noqa: BLE001 - reported as one line naming the job
+        return "error", _failure(job, e)
+
+
+def _run_parallel(jobs, args, device, dtype, n_graphs: int, done) -> None:
+    """Run `jobs` in `args.parallel` spawned workers; `done(i, run)` in any order. Raises JobFailed."""
+    from concurrent.futures import as_completed, ProcessPoolExecutor
+
+    import torch
+    import torch.multiprocessing as tmp
+
+    threads = max(1, torch.get_num_threads() // args.parallel)
+    pool = ProcessPoolExecutor(max_workers=min(args.parallel, len(jobs)), mp_context=tmp.get_context("spawn"),
+                               initializer=_init_worker, initargs=(args, device, dtype, n_graphs, threads))
+    failed = None
+    try:
+        futures = {pool.submit(_worker_job, job): i for i, job in enumerate(jobs)}
+        for fut in as_completed(futures):
+            i = futures[fut]
+            try:
+                status, value = fut.result()
+            except Exception as e:  # noqa: BLE001 - a worker died (BrokenProcessPool) or did not start
+                status, value = "error", _failure(jobs[i], e)
+            if status == "error":
+                failed = value
+                break
+            done(i, value)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if failed is not None:
+        raise JobFailed(failed)
+
+
+def run_grid(maps, args, device, dtype, log=print) -> list[dict]:
+    """Train every (layer map, kv, lr), one by one or in `--parallel` workers; one result per
+    (layer map, kv), in the same order either way. Raises JobFailed naming a job that raised."""
+    jobs = _jobs(maps, args)
+    n_graphs = len(maps) * len(args.kv_pairs)
+    labels = {m: label for label, m in maps}
+    n_lrs = len(args.lrs)
+    runs: list[dict | None] = [None] * len(jobs)
+    results: dict[int, dict] = {}
+
+    def done(i: int, run: dict) -> None:
+        runs[i] = run
+        g = i // n_lrs  # the (layer map, kv) group: its lrs are consecutive jobs
+        group = runs[g * n_lrs:(g + 1) * n_lrs]
+        if any(r is None for r in group):
+            return
+        kv, layer_map, _ = jobs[g * n_lrs]
+        best = max(group, key=lambda r: (r["accuracy"], -r["steps"]))
+        results[g] = {
+            "label": labels[layer_map], "layer_map": layer_map, "kv_pairs": kv, "accuracy": best["accuracy"],
+            "best_lr": best["lr"], "steps": best["steps"],
+            "per_lr_final_accuracy": {f"{r['lr']:g}": r["final_accuracy"] for r in group}, "runs": group,
+        }
+        log(f"{layer_map} kv {kv}: accuracy {best['accuracy']:.4f} at lr {best['lr']:g} "
+            f"({best['steps']} steps; {sum(r['seconds'] for r in group):.1f} s for {len(group)} lrs)")
+
+    if getattr(args, "parallel", 1) > 1:
+        _run_parallel(jobs, args, device, dtype, n_graphs, done)
+    else:
+        runner = _Runner(args, device, dtype, n_graphs)
+        for i, job in enumerate(jobs):
+            try:
+                run = runner(job)
+            except Exception as e:  # noqa: BLE001 - reported as one line naming the job
+                raise JobFailed(_failure(job, e)) from e
+            done(i, run)
+    return [results[g] for g in sorted(results)]
 
 
 def plot(results: list[dict], path: str, title: str) -> None:
@@ -322,7 +442,11 @@ def run(argv: list[str]) -> int:
     import torch
 
     t0 = time.perf_counter()
-    results = run_grid(maps, args, device, dtype, log=lambda s: print(s, file=sys.stderr, flush=True))
+    try:
+        results = run_grid(maps, args, device, dtype, log=lambda s: print(s, file=sys.stderr, flush=True))
+    except JobFailed as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "plot")}
     settings.update(device=device.type, dtype=dtype, layer_maps=[m for _, m in maps],
                     labels=[label for label, _ in maps], weight_decay=0.1, schedule="cosine to 0, no warmup")
