@@ -40,6 +40,11 @@ def step_folders(folder: str) -> dict[int, str]:
     return out
 
 
+def complete_steps(steps: dict[int, str]) -> list[int]:
+    """The steps of `step_folders` whose save finished (their `.metadata` exists), sorted."""
+    return sorted(s for s, p in steps.items() if os.path.isfile(os.path.join(p, ".metadata")))
+
+
 def problem(path: str) -> str | None:
     """Why the DCP checkpoint at `path` cannot be loaded, or None when it is intact.
 
@@ -103,8 +108,8 @@ def resume_step(job_config) -> tuple[int | None, list[str]]:
                 f"(steps there: {have})"
             )
     else:
-        complete = [s for s, p in steps.items() if os.path.isfile(os.path.join(p, ".metadata"))]
-        step = max(complete) if complete else None
+        complete = complete_steps(steps)
+        step = complete[-1] if complete else None
         for s in sorted(steps):
             if s not in complete and (step is None or s > step):
                 notes.append(

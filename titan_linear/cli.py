@@ -20,6 +20,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from titan_linear.config_errors import first_line
+
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 DEVICES = ("cpu", "cuda")
 
@@ -146,8 +148,7 @@ def run_main(prog: str, run: Callable[[list[str]], int], argv: list[str] | None 
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             return run(argv)
     except ValueError as e:
-        lines = str(e).strip().splitlines()
-        print(f"{prog}: error: {lines[0] if lines else type(e).__name__}", file=sys.stderr)
+        print(f"{prog}: error: {first_line(e)}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help, or tyro's own message on a bad TorchTitan override
         return 0 if e.code in (0, None) else 2

@@ -22,3 +22,10 @@ def is_number(x) -> bool:
 def is_int(x) -> bool:
     """An int from TOML or the command line; False for bools."""
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a
+    command prints of a failure, so that every failure is one line."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

@@ -25,6 +25,8 @@ import os
 import socket
 import sys
 
+from titan_linear.config_errors import first_line
+
 CONFIG_MODULE = "titan_linear.config"
 _CONFIG_FILE_FLAGS = ("--job.config_file", "--job.config-file")
 _CUSTOM_FLAGS = ("--job.custom_config_module", "--job.custom-config-module")
@@ -102,12 +104,10 @@ def preflight(job_config, model_args) -> list[str]:
     from titan_linear.data.tokenizer import BUILTIN, resolve_hf_assets_path
     from titan_linear.models.maps import check_maps
 
-    from tokenizers import Tokenizer
-
     check_lock_free(job_config.job.dump_folder)
     hf = job_config.model.hf_assets_path
     directory = resolve_hf_assets_path(hf)
-    vocab = _tokenizer_vocab(directory, Tokenizer)
+    vocab = _tokenizer_vocab(directory)
     if vocab is not None and vocab > model_args.vocab_size:
         raise ValueError(
             f"model.vocab_size = {model_args.vocab_size} is not allowed: at least the {vocab} ids of "
@@ -126,11 +126,14 @@ def preflight(job_config, model_args) -> list[str]:
     return notes
 
 
-def _tokenizer_vocab(directory: str, tokenizer_cls) -> int | None:
+def _tokenizer_vocab(directory: str) -> int | None:
+    """The vocab size of the tokenizer.json in `directory` (None: the tokenizer has none)."""
+    from tokenizers import Tokenizer
+
     file = os.path.join(directory, "tokenizer.json")
     if not os.path.isfile(file):
         return None
-    return tokenizer_cls.from_file(file).get_vocab_size()
+    return Tokenizer.from_file(file).get_vocab_size()
 
 
 def _lock_path(dump_folder: str) -> str:
@@ -157,14 +160,13 @@ def check_lock_free(dump_folder: str) -> None:
 
 def take_lock(dump_folder: str):
     """Hold `dump_folder`'s lock for this process's life; returns the open file (keep it)."""
-    check_lock_free(dump_folder)
     os.makedirs(dump_folder, exist_ok=True)
     f = open(_lock_path(dump_folder), "a+")  # not inherited by the ranks (close-on-exec)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
-        check_lock_free(dump_folder)  # lost a race: report the holder
+        check_lock_free(dump_folder)  # held: raises naming the holder
         raise
     f.seek(0)
     f.truncate()
@@ -174,8 +176,7 @@ def take_lock(dump_folder: str):
 
 
 def _error(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"titan_linear: error: {text[0] if text else type(e).__name__}"
+    return f"titan_linear: error: {first_line(e)}"
 
 
 def _checked(argv: list[str]):

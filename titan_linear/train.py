@@ -24,7 +24,8 @@ import time
 from torchtitan.train import main as torchtitan_main
 from torchtitan.train import Trainer as TorchTitanTrainer
 
-from titan_linear.checkpoint import CheckpointError
+from titan_linear.checkpoint import checkpoint_folder, CheckpointError, complete_steps, step_folders
+from titan_linear.config_errors import first_line
 from titan_linear.recipe.monitor import (
     check_finite_loss, check_finite_weights, checked_grad_norm, nonfinite_message, NonFiniteError,
 )
@@ -38,7 +39,6 @@ class Trainer(TorchTitanTrainer):
 
     def __init__(self, job_config):
         super().__init__(job_config)
-        self._last_saved: int | None = None
         save = self.checkpointer.save
 
         def finite_save(curr_step: int, last_step: bool = False):
@@ -47,8 +47,7 @@ class Trainer(TorchTitanTrainer):
                 try:
                     check_finite_weights(self.model_parts, curr_step)
                 except NonFiniteError as e:
-                    raise NonFiniteError(nonfinite_message(e, curr_step, self._last_saved)) from None
-                self._last_saved = curr_step
+                    raise NonFiniteError(nonfinite_message(e, curr_step, self._latest_on_disk())) from None
             return save(curr_step, last_step=last_step)
 
         self.checkpointer.save = finite_save
@@ -64,18 +63,14 @@ class Trainer(TorchTitanTrainer):
             with checked_grad_norm(self.job_config.monitor.stop_on_nonfinite):
                 return super().train_step(data_iterator)
         except NonFiniteError as e:
-            if str(e).startswith("titan_linear:"):
-                raise
             raise NonFiniteError(nonfinite_message(e, self.step, self._latest_on_disk())) from None
 
     def _latest_on_disk(self) -> int | None:
-        from titan_linear.checkpoint import checkpoint_folder, step_folders
-
+        """The newest checkpoint whose save finished (None: none), for the stop message."""
         if not self.job_config.checkpoint.enable:
             return None
-        steps = step_folders(checkpoint_folder(self.job_config))
-        done = [s for s, p in steps.items() if os.path.isfile(os.path.join(p, ".metadata"))]
-        return max(done) if done else None
+        done = complete_steps(step_folders(checkpoint_folder(self.job_config)))
+        return done[-1] if done else None
 
 
 def die_with_parent() -> None:
@@ -89,8 +84,7 @@ def die_with_parent() -> None:
 
 
 def one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    line = text[0] if text else type(e).__name__
+    line = first_line(e)
     return line if line.startswith("titan_linear:") else f"titan_linear: error: {line}"
 
 

@@ -58,6 +58,7 @@ import time
 import warnings
 
 from titan_linear.cli import device_and_dtype, Parser, run_main, write_json
+from titan_linear.config_errors import first_line
 from titan_linear.eval.report import pyplot, save_figure
 
 PROG = "titan_linear.eval.mqar"
@@ -309,8 +310,8 @@ def _job_name(job) -> str:
 
 
 def _failure(job, e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"job ({_job_name(job)}) failed: {type(e).__name__}" + (f": {lines[0]}" if lines else "")
+    message = str(e).strip()
+    return f"job ({_job_name(job)}) failed: {type(e).__name__}" + (f": {first_line(e)}" if message else "")
 
 
 class _Runner:

@@ -89,15 +89,18 @@ def check_finite_weights(model_parts, step: int) -> None:
 
     Every rank checks its own shards; one all-reduce makes all ranks agree.
     """
-    bad = None
+    names, finite = [], []
     for part in model_parts:
         for name, t in [*part.named_parameters(), *part.named_buffers()]:
             local = t.to_local() if hasattr(t, "to_local") else t
-            if local.is_floating_point() and not bool(torch.isfinite(local.detach()).all()):
-                bad = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-                break
-        if bad:
-            break
+            if local.is_floating_point() and local.numel():
+                names.append(name)
+                finite.append(torch.isfinite(local.detach()).all())
+    # One host sync for all tensors (on a GPU each bool() would be one).
+    ok = torch.stack(finite).tolist() if finite else []
+    bad = next((n for n, good in zip(names, ok) if not good), None)
+    if bad:
+        bad = bad.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
     flag = torch.tensor([1.0 if bad else 0.0])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         backend = torch.distributed.get_backend()
