@@ -58,6 +58,31 @@ def config_file(argv: list[str]) -> str | None:
     return None
 
 
+def _parse(manager, argv: list[str]):
+    """TorchTitan's parse; tyro's framed message on a bad command-line flag becomes one line."""
+    import contextlib
+    import io
+    import re
+
+    box = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(box):
+            return manager.parse_args(argv)
+    except SystemExit as e:
+        if e.code in (0, None):  # --help: show it as tyro wrote it
+            sys.stderr.write(box.getvalue())
+            raise
+        # The first section of the frame (before its first rule) says what is wrong.
+        words = []
+        for line in box.getvalue().splitlines()[1:]:
+            inner = line.strip().strip("│╭╰").strip()
+            if not inner or set(inner) <= set("─"):
+                break
+            words.append(inner)
+        message = re.sub(r"\s+", " ", " ".join(words)) or "bad command-line arguments (see --help)"
+        raise ValueError(message) from None
+
+
 def check(argv: list[str]):
     """Parse and validate the job config; return (job_config, model_args). Raises ValueError."""
     import tomllib
@@ -76,7 +101,7 @@ def check(argv: list[str]):
     from torchtitan.config import ConfigManager
     from torchtitan.protocols.train_spec import get_train_spec
 
-    job_config = ConfigManager().parse_args(argv)
+    job_config = _parse(ConfigManager(), argv)
     try:
         spec = get_train_spec(job_config.model.name)
     except ValueError:

@@ -236,3 +236,12 @@ def test_relative_config_is_the_callers(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == ("titan_linear: error: model.linear_attn_ratio = 7 is not allowed: "
                                    "a number in [0, 1]"), proc.stderr
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--monitor.grad_norm_warn", "abc"], ["--monitor.grad-norm-warn", "'abc'"]),
+    (["--monitor.bogus", "1"], ["Unrecognized options: --monitor.bogus"]),
+])
+def test_bad_command_line_flag_is_one_line(capsys, tmp_path, extra, needles):
+    """tyro's framed message on a flag it cannot parse becomes one line."""
+    _refused(capsys, tmp_path, *extra, needles=needles)
