@@ -12,31 +12,21 @@ peak reserved memory of the steps after warm-up, and appends rows to a JSON file
 stays per GPU, so rows of 1 and N GPUs measure weak scaling (tokens/s is TorchTitan's, per GPU).
 Each row records which efficient-attention implementation served the linear layers and the
 loss at every logged step. Data: the packaged text and tokenizer (token ids < 2048 are valid
-inputs of any vocabulary), so it runs offline.
+inputs of any vocabulary), so it runs offline. The numbers come from the run's TensorBoard
+events (TensorBoard is switched on for every run), read by `titan_linear.analysis.runs`; the
+console output is kept in `<log-dir>/<name>.log`.
 """
 
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 
+from titan_linear.analysis.runs import read_run
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEP_RE = re.compile(
-    r"step:\s*(\d+)\s+loss:\s*([\d.]+).*?memory:\s*([\d.]+)GiB.*?tps:\s*([\d,]+).*?mfu:\s*([\d.]+)%"
-)
-
-
-def parse_steps(log: str) -> list[dict]:
-    rows = []
-    for m in STEP_RE.finditer(log):
-        rows.append({
-            "step": int(m.group(1)), "loss": float(m.group(2)), "peak_gib": float(m.group(3)),
-            "tps": float(m.group(4).replace(",", "")), "mfu": float(m.group(5)),
-        })
-    return rows
 
 
 def linear_attn_impl() -> str:
@@ -57,8 +47,10 @@ def run_one(config: str, seq_len: int, batch: int, steps: int, extra: list[str],
         "--training.steps", str(steps), "--training.seq_len", str(seq_len),
         "--training.local_batch_size", str(batch), "--training.dataset", "tinyshakespeare",
         "--model.hf_assets_path", os.path.join(ROOT, "titan_linear", "assets", "tokenizer"),
-        "--metrics.log_freq", str(log_freq), "--metrics.disable_color_printing", "--metrics.no-enable-tensorboard",
+        "--metrics.log_freq", str(log_freq), "--metrics.disable_color_printing",
         "--checkpoint.no-enable", "--job.dump_folder", dump, *extra,
+        # last, so that no override moves or turns off what the row is read from
+        "--metrics.enable_tensorboard", "--metrics.save_tb_folder", "tb",
     ]
     t0 = time.time()
     env = {**os.environ, "PYTHON": sys.executable, "NGPU": str(ngpu)}
@@ -67,21 +59,20 @@ def run_one(config: str, seq_len: int, batch: int, steps: int, extra: list[str],
     log = proc.stdout + proc.stderr
     with open(os.path.join(log_dir, f"{name}.log"), "w") as f:
         f.write(log)
-    steps_logged = parse_steps(log)
     # Skip the first logged windows: compilation and allocator warm-up.
-    steady = [r for r in steps_logged if r["step"] > min(10, steps // 2)]
+    run = read_run(dump, warmup=min(10, steps // 2)) if proc.returncode == 0 else None
     row = {"config": config, "seq_len": seq_len, "local_batch_size": batch, "ngpu": ngpu, "steps": steps,
            "extra_args": " ".join(extra), "linear_attn_impl": linear_attn_impl(),
            "returncode": proc.returncode, "wall_s": round(wall, 1)}
-    if proc.returncode != 0 or not steady:
+    if run is None or run["tokens_per_s"] is None:
         row["error"] = log.strip().splitlines()[-5:] if log.strip() else ["no output"]
         return row
     row.update({
-        "tokens_per_s": round(sum(r["tps"] for r in steady) / len(steady)),
-        "mfu": round(sum(r["mfu"] for r in steady) / len(steady), 2),
-        "peak_gib": max(r["peak_gib"] for r in steps_logged),
-        "final_loss": steps_logged[-1]["loss"],
-        "losses": [[r["step"], r["loss"]] for r in steps_logged],
+        "tokens_per_s": round(run["tokens_per_s"]),
+        "mfu": round(run["mfu"], 2),
+        "peak_gib": round(run["peak_memory_gib"], 2),
+        "final_loss": run["final_train_loss"],
+        "losses": run["curves"]["train"],
     })
     return row
 

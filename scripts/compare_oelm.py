@@ -16,38 +16,24 @@ split); without it the packaged tinyshakespeare text is used. Written to --out:
 - comparison.json: the same numbers and both loss curves;
 - loss_curves.png: train and val loss against step (needs matplotlib; skipped with a
   message when it is not installed);
-- gpt/ and oelm/: each run's dump folder (train.log, param_report.md, checkpoints).
+- gpt/ and oelm/: each run's dump folder (train.log, param_report.md, TensorBoard events, checkpoints).
+
+The losses, the parameter counts and the token budget are read from each run folder by
+`titan_linear.analysis.runs` (TensorBoard events, param_report.json, the config and overrides);
+TensorBoard is switched on for both runs whatever the overrides say.
 """
 
 import argparse
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
+from titan_linear.analysis.runs import read_run
+
 REPO = Path(__file__).resolve().parents[1]
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_STEP = re.compile(r"(?<!validate )\bstep:\s*(\d+)\s+loss:\s*([-+0-9.eEnaif]+)")
-_VAL = re.compile(r"validate step:\s*(\d+)\s+loss:\s*([-+0-9.eEnaif]+)")
-
-
-def parse_log(text: str) -> tuple[dict[int, float], dict[int, float]]:
-    """({step: train loss}, {step: val loss}) from rank 0's lines of a torchtitan log."""
-    train, val = {}, {}
-    for line in _ANSI.sub("", text).splitlines():
-        if not line.startswith("[rank0]:"):
-            continue
-        m = _VAL.search(line)
-        if m:
-            val[int(m.group(1))] = float(m.group(2))
-            continue
-        m = _STEP.search(line)
-        if m:
-            train[int(m.group(1))] = float(m.group(2))
-    return train, val
 
 
 def _run(name: str, config: str, args, extra: list[str], out: Path) -> dict:
@@ -70,6 +56,7 @@ def _run(name: str, config: str, args, extra: list[str], out: Path) -> dict:
         cmd += ["--training.seq_len", str(args.seq_len), "--validation.seq_len", str(args.seq_len)]
     if args.batch:
         cmd += ["--training.local_batch_size", str(args.batch), "--training.global_batch_size", "-1"]
+    cmd += ["--metrics.enable_tensorboard", "--metrics.save_tb_folder", "tb"]  # what the results are read from
     env = dict(os.environ, PYTHON=os.environ.get("PYTHON", sys.executable), LOG_RANK="0")
     if args.ngpu:
         env["NGPU"] = str(args.ngpu)
@@ -80,15 +67,17 @@ def _run(name: str, config: str, args, extra: list[str], out: Path) -> dict:
     if proc.returncode != 0:
         tail = "\n".join(text.splitlines()[-30:])
         raise SystemExit(f"compare_oelm: the {name} run failed (exit {proc.returncode}); {dump}/train.log:\n{tail}")
-    train, val = parse_log(text)
-    if not val:
+    run = read_run(dump, config=config, overrides=cmd[3:])
+    if not run["curves"]["val"]:
         raise SystemExit(f"compare_oelm: the {name} run logged no validation loss; see {dump}/train.log")
-    report = json.loads((dump / "param_report.json").read_text())
-    tokens = re.search(r"global batch size (\d+).*sequence length (\d+)", _ANSI.sub("", text))
+    if run.get("params_trainable") is None:
+        raise SystemExit(f"compare_oelm: the {name} run wrote no param_report.json in {dump}")
+    seq_len, per_step = run["seq_len"], run["tokens_per_step"]
     return {
-        "config": config, "train": train, "val": val, "best_val": min(val.values()),
-        "total": report["total"], "trainable": report["trainable"], "frozen": report["frozen"],
-        "global_batch": int(tokens.group(1)) if tokens else None, "seq_len": int(tokens.group(2)) if tokens else None,
+        "config": config, "train": dict(run["curves"]["train"]), "val": dict(run["curves"]["val"]),
+        "best_val": run["best_val_loss"],
+        "total": run["n_params_total"], "trainable": run["params_trainable"], "frozen": run["params_frozen"],
+        "global_batch": per_step // seq_len if per_step and seq_len else None, "seq_len": seq_len,
     }
 
 

@@ -1,5 +1,6 @@
-"""benchmarks/e2e_train.py end to end on CPU: it drives run_train.sh with NGPU processes, parses
-TorchTitan's step lines and writes rows the report reads (tokens/s per process, every loss).
+"""benchmarks/e2e_train.py end to end on CPU: it drives run_train.sh with NGPU processes, reads the
+run's TensorBoard events (titan_linear.analysis.runs) and writes rows the report reads (tokens/s
+per process, every loss); the losses it read are those TorchTitan printed.
 
 Run with `pytest -q tests/integration/test_bench_e2e_cpu.py -m integration`.
 """
@@ -10,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.integration.harness import clean_env, run_train, tail, REPO
+from tests.integration.harness import clean_env, losses_of, run_train, strip_ansi, tail, REPO
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,10 @@ def test_e2e_bench_two_processes_writes_a_row(tmp_path):
     losses = [loss for _, loss in row["losses"]]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # it trained
     assert row["tokens_per_s"] > 0 and row["final_loss"] == losses[-1]
-    assert (tmp_path / "logs" / "debug_model_64_2gpu.log").is_file()
+    printed = losses_of(strip_ansi((tmp_path / "logs" / "debug_model_64_2gpu.log").read_text()))
+    assert sorted(printed) == steps
+    for step, loss in row["losses"]:
+        assert loss == pytest.approx(printed[step][0], abs=1e-5)  # the console prints 5 decimals
 
     # the report reads such rows as a scaling table
     (tmp_path / "scaling_cpu.json").write_text(out.read_text())

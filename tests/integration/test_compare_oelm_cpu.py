@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.integration.harness import run_train, REPO
+from tests.integration.harness import VALIDATION_LINE, run_train, strip_ansi, REPO
 
 pytestmark = pytest.mark.integration
 
@@ -30,4 +30,7 @@ def test_compare_oelm_tiny(tmp_path):
     data = json.loads((out / "comparison.json").read_text())
     assert data["tokens"] == 4 * 2 * 64
     assert 4 in map(int, data["gpt"]["val"]) and sorted(data["gpt"]["val"]) == sorted(data["oelm"]["val"])
+    # read from the TensorBoard events: the validation losses TorchTitan printed (4 decimals)
+    printed = {m.group(1): float(m.group(2)) for m in VALIDATION_LINE.finditer(strip_ansi((out / "gpt" / "train.log").read_text()))}
+    assert printed == pytest.approx({s: round(v, 4) for s, v in data["gpt"]["val"].items()}, abs=1e-4)
     assert (out / "loss_curves.png").is_file() or "matplotlib is not installed" in proc.stdout
