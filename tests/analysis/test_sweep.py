@@ -1,0 +1,199 @@
+"""The sweep driver (titan_linear.analysis.sweep): grid expansion and names, one-line refusals of
+bad specs with nothing launched, --dry-run and --slurm output, and one real two-run sweep of the
+debug model through torchrun on the CPU: a re-run skips both, a cut run resumes to the same end."""
+
+import json
+import os
+import shutil
+import subprocess
+import textwrap
+
+import pytest
+
+from tests.integration.harness import REPO, losses_of, strip_ansi
+from titan_linear.analysis.sweep import main, parse_base
+from titan_linear.analysis.sweep_spec import load_spec
+
+DEBUG = str(REPO / "train_configs" / "debug_model.toml")
+RUN_KEYS = {"name", "group", "base_config", "overrides", "seed"}
+
+
+def write_spec(tmp_path, body: str, out: str | None = None) -> str:
+    out = out or str(tmp_path / "out")
+    path = tmp_path / "spec.toml"
+    path.write_text(f'base = "{DEBUG}"\nout = "{out}"\n' + textwrap.dedent(body))
+    return str(path)
+
+
+GRID = """
+    [fixed]
+    "training.steps" = 4
+    [grid]
+    "model.linear_attn_ratio" = [0, 0.5]
+    "debug.seed" = [0, 1]
+    [[runs]]
+    "model.linear_attn_ratio" = 0.5
+    "model.linear_attn_placement" = ["front", "uniform"]
+    "debug.seed" = [0, 1]
+"""
+
+
+def test_grid_expansion_names_groups_and_order(tmp_path):
+    spec = load_spec(write_spec(tmp_path, GRID), parse_base)
+    names = [r.name for r in spec.runs]
+    # [[runs]]'s uniform point at 0.5 is the grid's own point: run once. Seed-major order.
+    assert names == ["ratio0-uniform-seed0", "ratio0.5-uniform-seed0", "ratio0.5-front-seed0",
+                     "ratio0-uniform-seed1", "ratio0.5-uniform-seed1", "ratio0.5-front-seed1"]
+    by_name = {r.name: r for r in spec.runs}
+    front = by_name["ratio0.5-front-seed1"]
+    assert front.group == "ratio0.5-front"
+    assert front.overrides == {"training.steps": 4, "model.linear_attn_ratio": 0.5,
+                               "model.linear_attn_placement": "front", "debug.seed": 1}
+    assert front.dump_folder == os.path.join(str(tmp_path / "out"), "ratio0.5-front-seed1")
+    assert by_name["ratio0-uniform-seed0"].overrides == {"training.steps": 4, "model.linear_attn_ratio": 0, "debug.seed": 0}
+
+
+def test_list_typed_key_takes_lists_of_lists(tmp_path):
+    spec = load_spec(write_spec(tmp_path, """
+        [grid]
+        "model.linear_attn_layers" = [[1, 3], [0]]
+        [[runs]]
+        "model.linear_attn_layers" = [2, 4]
+    """), parse_base)
+    assert [r.name for r in spec.runs] == ["layers1_3", "layers0", "layers2_4"]
+    assert spec.runs[2].overrides == {"model.linear_attn_layers": [2, 4]}
+
+
+@pytest.mark.parametrize("body, words", [
+    ('[grid]\n"model.linear_attn_rato" = [0.5]\n',
+     ["[grid]", "'model.linear_attn_rato'", "did you mean 'model.linear_attn_ratio'"]),
+    ('[grid]\n"training.seed" = [0, 1]\n', ["'training.seed'", "did you mean 'debug.seed'"]),
+    ('[grid]\n"model.linear_attn_ratio" = ["half"]\n', ["model.linear_attn_ratio = 'half'", "a number"]),
+    ('[grid]\n"model.linear_attn_ratio" = [0.5, 1.5]\n',
+     ["run ratio1.5", "model.linear_attn_ratio = 1.5 is not allowed", "[0, 1]"]),
+    ('[grid]\n"model.linear_attn_placement" = ["uniform", "sideways"]\n',
+     ["run sideways", "model.linear_attn_placement", "'sideways'", "front"]),
+    ('[fixed]\n"checkpoint.enable" = false\n[grid]\n"debug.seed" = [0]\n', ["checkpoint.enable = False", "checkpoints"]),
+    ('[grid]\n"job.dump_folder" = ["x"]\n', ["job.dump_folder", "the sweep driver sets it"]),
+    ('[grid]\n"model.linear_attn_ratio" = 0.5\n', ["[grid] model.linear_attn_ratio = 0.5", "a list of values"]),
+    ('[grid]\n"debug.seed" = [0]\n[eval]\nfactors = [0]\n', ["[eval] factors = [0]"]),
+])
+def test_bad_spec_is_one_line_exit_2_nothing_written(tmp_path, capsys, body, words):
+    out = tmp_path / "out"
+    assert main([write_spec(tmp_path, body, str(out)), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("titan_linear.analysis.sweep: error: ")
+    for w in words:
+        assert w in err, (w, err)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--per-gpu", "2"], ["--per-gpu = 2", "--gpus"]),
+    (["--gpus", "0,0"], ["--gpus = '0,0'", "distinct"]),
+    (["--parallel", "0"], ["--parallel = 0"]),
+    (["--only", "nothing*"], ["--only = 'nothing*'", "ratio0-uniform-seed0"]),
+])
+def test_bad_flags_are_one_line_exit_2(tmp_path, capsys, argv, words):
+    assert main([write_spec(tmp_path, GRID), "--dry-run", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    for w in words:
+        assert w in err, (w, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_prints_runs_and_commands_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([write_spec(tmp_path, GRID, str(out)), "--dry-run", "--parallel", "2", "--eval",
+                 "--only", "ratio0.5-*"]) == 0
+    text = capsys.readouterr().out
+    assert not out.exists()
+    heads = [ln for ln in text.splitlines() if not ln.startswith(" ")][:-1]
+    assert [h.split()[0] for h in heads] == ["ratio0.5-uniform-seed0", "ratio0.5-front-seed0",
+                                             "ratio0.5-uniform-seed1", "ratio0.5-front-seed1"]
+    assert all("starts fresh" in h for h in heads)
+    launch = next(ln for ln in text.splitlines() if "ratio0.5-front-seed1" in ln and "titan_linear.launch" in ln)
+    for piece in ["--rdzv_endpoint localhost:0", "--nproc_per_node 1", f"--job.config_file {DEBUG}",
+                  "--model.linear_attn_placement front", "--debug.seed 1", "--checkpoint.enable",
+                  f"--job.dump_folder {out}/ratio0.5-front-seed1", "OMP_NUM_THREADS="]:
+        assert piece in launch, piece
+    perplexity = [ln for ln in text.splitlines() if "titan_linear.eval.perplexity" in ln]
+    assert len(perplexity) == 4 and "--seq-lens 256 1024" in perplexity[0]  # 1x and 4x seq_len
+    assert text.splitlines()[-1] == "4 runs, 2 at a time"
+
+
+def test_slurm_writes_an_array_script_and_run_records(tmp_path, capsys):
+    out = tmp_path / "out"
+    script = tmp_path / "sweep.sbatch"
+    spec = write_spec(tmp_path, GRID + '[slurm]\noptions = ["--time=01:00:00", "--cpus-per-task=4"]\n', str(out))
+    assert main([spec, "--slurm", str(script), "--eval"]) == 0
+    text = script.read_text()
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert "#SBATCH --array=0-5" in text and "#SBATCH --time=01:00:00" in text
+    assert "#SBATCH --cpus-per-task=4" in text and "--cpus-per-task=8" not in text
+    assert text.count("titan_linear.launch run") == 6 and text.count("titan_linear.eval.perplexity") == 6
+    names = sorted(os.listdir(out))
+    assert len(names) == 6
+    record = json.loads((out / "ratio0.5-front-seed1" / "run.json").read_text())
+    assert set(record) == RUN_KEYS
+    assert record["group"] == "ratio0.5-front" and record["seed"] == 1 and record["base_config"] == DEBUG
+
+
+TINY = """
+    [fixed]
+    "training.steps" = 4
+    "checkpoint.interval" = 2
+    "checkpoint.last_save_model_only" = false
+    "training.seq_len" = 64
+    "training.local_batch_size" = 4
+    "metrics.log_freq" = 1
+    "metrics.enable_tensorboard" = false
+    "debug.deterministic" = true
+    [grid]
+    "debug.seed" = [0, 1]
+    [eval]
+    factors = [1, 2]
+    max_tokens = 256
+"""
+
+
+@pytest.mark.integration
+def test_real_sweep_skips_finished_runs_and_resumes_a_cut_one(tmp_path, capsys):
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path, TINY, str(out))
+    # Two runs at once on the CPU: each has its own torchrun store on a free port.
+    assert main([spec, "--parallel", "2"]) == 0, capsys.readouterr()
+    runs = {name: out / name for name in ("seed0", "seed1")}
+    for name, folder in runs.items():
+        assert (folder / "checkpoint" / "step-4" / ".metadata").is_file()
+        record = json.loads((folder / "run.json").read_text())
+        assert record == {"name": name, "group": "debug_model", "base_config": DEBUG,
+                          "overrides": {**record["overrides"], "debug.seed": int(name[-1])}, "seed": int(name[-1])}
+    first = {n: losses_of(strip_ansi((f / "train.log").read_text())) for n, f in runs.items()}
+    assert sorted(first["seed0"]) == [1, 2, 3, 4]
+    assert first["seed0"][1] != first["seed1"][1]  # the seeds differ
+    capsys.readouterr()
+
+    sizes = {n: (f / "train.log").stat().st_size for n, f in runs.items()}
+    assert main([spec]) == 0
+    table = capsys.readouterr().out
+    assert table.count("skipped") == 2 and "4/4" in table
+    assert sizes == {n: (f / "train.log").stat().st_size for n, f in runs.items()}
+
+    # Cut seed1 after its first checkpoint: its newest is step 2, as if stopped before step 4.
+    shutil.rmtree(runs["seed1"] / "checkpoint" / "step-4")
+    assert main([spec, "--parallel", "2", "--eval"]) == 0, capsys.readouterr()
+    log = strip_ansi((runs["seed1"] / "train.log").read_text())
+    resumed = log[log.rindex("titan_linear sweep:"):]
+    assert "resuming from" in resumed and "step-2" in resumed
+    again = losses_of(resumed)
+    assert sorted(again) == [3, 4]
+    for step in (3, 4):  # deterministic: the resumed steps repeat the uninterrupted ones
+        assert again[step][0] == pytest.approx(first["seed1"][step][0], rel=1e-5)
+    assert (runs["seed1"] / "checkpoint" / "step-4" / ".metadata").is_file()
+    assert (runs["seed0"] / "train.log").stat().st_size == sizes["seed0"]  # not relaunched
+    for folder in runs.values():
+        result = json.loads((folder / "eval" / "perplexity.json").read_text())
+        assert [r["seq_len"] for r in result["results"]] == [64, 128]
+        assert result["model"]["weights"].endswith("step-4")
