@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         table(gpt, oelm),
         "",
-        f"Best validation loss over the run; perplexity = exp(loss); gap = OELM PPL / GPT PPL - 1.",
+        "Best validation loss over the run; perplexity = exp(loss); gap = OELM PPL / GPT PPL - 1.",
         f"Same data ({args.data or 'packaged tinyshakespeare'}), seed {args.seed}, {args.steps} steps, "
         f"global batch {gpt['global_batch']} x seq {gpt['seq_len']} = {tokens:,} training tokens per model.",
         f"Configs: {args.gpt_config}, {args.oelm_config}; overrides: {' '.join(extra) or 'none'}.",
