@@ -160,3 +160,47 @@ def test_mqar_parallel_workers_give_the_serial_results(tmp_path, capsys, one_thr
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--parallel = 0" in err[0], err
     assert not out.exists()
+
+
+def test_mqar_cut_grid_resumes_to_the_uninterrupted_result(tmp_path, capsys, monkeypatch, one_thread):
+    """A grid cut by a failing job keeps its finished jobs in <out>.jobs.jsonl; --resume runs only
+    the rest and writes what an uninterrupted run writes. Other settings refuse the journal."""
+    def summary(path):
+        return [(r["layer_map"], r["kv_pairs"], r["accuracy"], r["best_lr"],
+                 [[c["train_loss"] for c in run["curve"]] for run in r["runs"]])
+                for r in json.loads(path.read_text())["results"]]
+
+    argv = ["--ratios", "0", "1", *TINY]
+    clean = tmp_path / "clean.json"
+    assert mqar.main(["--out", str(clean), *argv]) == 0
+    assert not (tmp_path / "clean.json.jobs.jsonl").exists()  # removed once the JSON is written
+
+    out = tmp_path / "cut.json"
+    real, calls = mqar.train_one, []
+
+    def dies_on_the_fourth(*a, **k):
+        calls.append(a[:2])
+        if len(calls) == 4:
+            raise RuntimeError("machine lost")
+        return real(*a, **k)
+
+    monkeypatch.setattr(mqar, "train_one", dies_on_the_fourth)
+    assert mqar.main(["--out", str(out), *argv]) == 1
+    assert not out.exists()
+    assert len((tmp_path / "cut.json.jobs.jsonl").read_text().splitlines()) == 1 + 3  # settings + 3 jobs
+
+    capsys.readouterr()
+    bad = ["--out", str(out), "--resume", *argv, "--epochs", "3"]
+    assert mqar.main(bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "epochs" in err[0] and "--resume" in err[0], err
+
+    monkeypatch.setattr(mqar, "train_one", dies_on_the_fourth)  # counts the calls; the 4th is new now
+    calls.clear()
+    calls.extend([None] * 10)  # never raise again
+    assert mqar.main(["--out", str(out), "--resume", *argv]) == 0
+    assert len(calls) == 10 + len(json.loads(clean.read_text())["results"]) * 2 - 3  # only the rest ran
+    result = json.loads(out.read_text())
+    assert result["resumed_jobs"] == 3 and len(result["earlier_invocations_seconds"]) == 1
+    assert summary(out) == summary(clean)
+    assert not (tmp_path / "cut.json.jobs.jsonl").exists()

@@ -51,8 +51,10 @@ to >= 0.98 within 3 epochs for 5 of 5 seeds.
 """
 
 import importlib.util
+import json
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -94,6 +96,8 @@ def _parser() -> Parser:
     p.add_argument("--parallel", type=int, default=1,
                    help="train this many models at once, in as many worker processes (default 1: one by one)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the initial weights and the batch order")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the jobs that the journal <out>.jobs.jsonl of a cut run with the same settings holds")
     return p
 
 
@@ -221,7 +225,9 @@ def train_one(layer_map: str, lr: float, data, args, device, dtype, step_fn) -> 
     (x_train, q_train, y_train), (x_test, q_test, y_test) = data
     model, head = build_model(layer_map, args, device)
     params = list(model.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
+    # fused: one kernel per step on CUDA; these models are small enough that launches, not
+    # arithmetic, bound a step.
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1, fused=device.type == "cuda")
     n = x_train.shape[0]
     per_epoch = math.ceil(n / args.batch_size)
     total = per_epoch * args.epochs
@@ -380,9 +386,65 @@ def _run_parallel(jobs, args, device, dtype, n_graphs: int, done) -> None:
         raise JobFailed(failed)
 
 
-def run_grid(maps, args, device, dtype, log=print) -> list[dict]:
+# Flags that do not change what a job computes: a journal written under other values still holds.
+_NOT_SETTINGS = ("out", "plot", "parallel", "resume")
+
+
+def _settings_key(args) -> dict:
+    return {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SETTINGS}
+
+
+class Journal:
+    """`<out>.jobs.jsonl`: one line per finished (layer map, kv, lr) job, appended as it finishes,
+    so that a cut grid (a time limit, a lost machine) resumes with `--resume` where it stopped.
+
+    The first line holds the settings; `--resume` refuses a journal written with other ones.
+    Each job line holds the job, its result and the seconds since its invocation began, so the
+    final JSON can state the time of every invocation that built it. The file is removed once the
+    final JSON is written.
+    """
+
+    def __init__(self, out: str, args, resume: bool):
+        self.path = f"{out}.jobs.jsonl"
+        self.settings = json.loads(json.dumps(_settings_key(args)))
+        self.done: dict[tuple, dict] = {}
+        self.earlier_seconds: list[float] = []
+        self.t0 = time.perf_counter()
+        if resume and os.path.exists(self.path):
+            self._read()
+        if not self.done:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            with open(self.path, "w") as f:
+                f.write(json.dumps({"settings": self.settings}) + "\n")
+
+    def _read(self) -> None:
+        spans: dict[int, float] = {}
+        with open(self.path) as f:
+            lines = [json.loads(line) for line in f if line.strip().endswith("}")]
+        if not lines or lines[0].get("settings") != self.settings:
+            theirs = lines[0].get("settings", {}) if lines else {}
+            diff = next((k for k in self.settings if theirs.get(k) != self.settings[k]), "settings")
+            raise ValueError(f"--resume: {self.path} was written with {diff} = {theirs.get(diff)!r}, "
+                             f"this run has {self.settings.get(diff)!r}; rerun without --resume to start over")
+        for line in lines[1:]:
+            self.done[tuple(line["job"])] = line["run"]
+            spans[line["invocation"]] = max(spans.get(line["invocation"], 0.0), line["elapsed"])
+        self.earlier_seconds = [spans[i] for i in sorted(spans)]
+
+    def add(self, job, run: dict) -> None:
+        line = {"job": list(job), "invocation": len(self.earlier_seconds),
+                "elapsed": round(time.perf_counter() - self.t0, 2), "run": run}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def close(self) -> None:
+        os.remove(self.path)
+
+
+def run_grid(maps, args, device, dtype, log=print, journal: Journal | None = None) -> list[dict]:
     """Train every (layer map, kv, lr), one by one or in `--parallel` workers; one result per
-    (layer map, kv), in the same order either way. Raises JobFailed naming a job that raised."""
+    (layer map, kv), in the same order either way. Jobs in `journal` are not run again and every
+    finished job is added to it. Raises JobFailed naming a job that raised."""
     jobs = _jobs(maps, args)
     n_graphs = len(maps) * len(args.kv_pairs)
     labels = {m: label for label, m in maps}
@@ -406,16 +468,32 @@ def run_grid(maps, args, device, dtype, log=print) -> list[dict]:
         log(f"{layer_map} kv {kv}: accuracy {best['accuracy']:.4f} at lr {best['lr']:g} "
             f"({best['steps']} steps; {sum(r['seconds'] for r in group):.1f} s for {len(group)} lrs)")
 
-    if getattr(args, "parallel", 1) > 1:
-        _run_parallel(jobs, args, device, dtype, n_graphs, done)
-    else:
+    def finished(i: int, run: dict) -> None:
+        if journal is not None:
+            journal.add(jobs[i], run)
+        done(i, run)
+
+    earlier = journal.done if journal is not None else {}
+    todo = []
+    for i, job in enumerate(jobs):
+        if tuple(job) in earlier:
+            done(i, earlier[tuple(job)])
+        else:
+            todo.append(i)
+    if earlier:
+        log(f"resumed: {len(jobs) - len(todo)} of {len(jobs)} jobs were in {journal.path}")
+    if getattr(args, "parallel", 1) > 1 and todo:
+        _run_parallel([jobs[i] for i in todo], args, device, dtype, n_graphs,
+                      lambda k, run: finished(todo[k], run))
+    elif todo:
         runner = _Runner(args, device, dtype, n_graphs)
-        for i, job in enumerate(jobs):
+        for i in todo:
+            job = jobs[i]
             try:
                 run = runner(job)
             except Exception as e:  # noqa: BLE001 - reported as one line naming the job
                 raise JobFailed(_failure(job, e)) from e
-            done(i, run)
+            finished(i, run)
     return [results[g] for g in sorted(results)]
 
 
@@ -443,18 +521,24 @@ def run(argv: list[str]) -> int:
     import torch
 
     t0 = time.perf_counter()
+    journal = Journal(args.out, args, args.resume)
     try:
-        results = run_grid(maps, args, device, dtype, log=lambda s: print(s, file=sys.stderr, flush=True))
+        results = run_grid(maps, args, device, dtype, log=lambda s: print(s, file=sys.stderr, flush=True),
+                           journal=journal)
     except JobFailed as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e} (finished jobs are in {journal.path}: --resume continues)", file=sys.stderr)
         return 1
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "plot")}
     settings.update(device=device.type, dtype=dtype, layer_maps=[m for _, m in maps],
                     labels=[label for label, _ in maps], weight_decay=0.1, schedule="cosine to 0, no warmup")
     write_json(args.out, {
         "tool": "mqar", "settings": settings, "torch": torch.__version__,
-        "seconds": round(time.perf_counter() - t0, 1), "results": results,
+        "seconds": round(time.perf_counter() - t0, 1),
+        # A resumed grid: each earlier invocation's time up to its last finished job.
+        "earlier_invocations_seconds": journal.earlier_seconds, "resumed_jobs": len(journal.done),
+        "results": results,
     })
+    journal.close()
     if args.plot:
         plot(results, args.plot, f"MQAR, T = {args.seq_len}, V = {args.vocab}, {args.n_layers} layers, d = {args.dim}")
     return 0
