@@ -198,17 +198,22 @@ def split_largest(runs: list[dict], flops, k: int) -> tuple[list[dict], list[int
     return [r for i, r in enumerate(runs) if i not in set(held)], held
 
 
-def fit_family(runs: list[dict], opts, k: float, budgets, seed: int) -> dict:
-    """The law, its bootstrap intervals, predictions and compute-optimal allocation for one family."""
+def n_opt_exponent(law) -> float:
+    """a in N_opt ~ C^a: beta / (alpha + beta); NaN without an interior optimum."""
+    return law.beta / (law.alpha + law.beta) if law.alpha > 0 and law.beta > 0 else float("nan")
+
+
+def fit_family(runs: list[dict], opts, k: float, budgets, seed: int):
+    """(the JSON of one family's law, intervals, predictions and compute-optimal allocation,
+    the full-data Fit, the bootstrap laws)."""
     n, d, loss = (np.array([r[c] for r in runs]) for c in REQUIRED)
     fit = fit_law(n, d, loss, refine=None if opts.full_grid else opts.refine)
     laws = bootstrap(n, d, loss, opts.bootstrap, seed, fit.law) if opts.bootstrap else []
     law = fit.law
     out = {"fit": fit.as_dict(), "intervals": parameter_intervals(laws, opts.level) if laws else None,
            "residuals_log_loss": fit.residuals.tolist()}
-    expo = lambda lw: lw.beta / (lw.alpha + lw.beta)  # noqa: E731  (N_opt ~ C^a)
-    out["n_opt_exponent"] = {"value": expo(law),
-                             "interval": percentile_interval([expo(lw) for lw in laws], opts.level) if laws else None}
+    out["n_opt_exponent"] = {"value": n_opt_exponent(law), "interval":
+                             percentile_interval([n_opt_exponent(lw) for lw in laws], opts.level) if laws else None}
     preds = []
     pairs = list(zip(opts.predict[0::2], opts.predict[1::2]))
     for pn, pd in pairs:
@@ -249,6 +254,19 @@ def holdout(runs: list[dict], flops, opts, seed: int) -> dict:
     errors = np.array([s["error"] for s in scored])
     return {"n_held_out": len(scored), "fit": fit.as_dict(), "runs": scored,
             "rmse": float(np.sqrt(np.mean(errors ** 2))), "max_abs_error": float(np.abs(errors).max())}
+
+
+def notes(res: dict) -> list[str]:
+    """What a reader of one family's fit must not miss."""
+    out = []
+    if not res["fit"]["converged"]:
+        out.append(f"L-BFGS-B did not report convergence ({res['fit']['lbfgs_message']}); the fit may be loose")
+    if res["fit"]["alpha"] <= 0 or res["fit"]["beta"] <= 0:
+        out.append("alpha or beta <= 0: loss does not fall with N or D here; no compute-optimal size")
+    extrapolated = sum(1 for g in res["isoflop"]["groups"] if g["n_star"] is not None and not g["inside"])
+    if extrapolated:
+        out.append(f"{extrapolated} IsoFLOP minimum(s) outside their group's N range, left out of N*(C)")
+    return out
 
 
 def compare(families: dict, level: float) -> list[dict]:
@@ -310,6 +328,7 @@ def analyse(runs: list[dict], opts) -> dict:
         res["isoflop"] = isoflop(n, d, loss, cm["flops"], cm["k"], opts.isoflop_tol)
         if opts.holdout_largest:
             res["holdout"] = holdout(rs, cm["flops"], opts, seed)
+        res["notes"] = notes(res)
         res["runs"] = [{**{c: r[c] for c in REQUIRED}, "flops": float(c), "fitted_loss": float(fit.law.loss(r["n_params"], r["tokens"]))}
                        for r, c in zip(rs, cm["flops"])]
         results[f] = res
@@ -344,6 +363,7 @@ def summary(result: dict) -> str:
         for p in r["predictions"]:
             lines.append(f"{f}: N {p['n_params']:.3g}, D {p['tokens']:.3g}: loss {_iv(p['loss'], p['ci'], '{:.4f}')}"
                          + (f", one run {lvl}: [{p['pi'][0]:.4f}, {p['pi'][1]:.4f}]" if p["pi"] else ""))
+        lines += [f"{f}: note: {n}" for n in r["notes"]]
         if "holdout" in r:
             h = r["holdout"]
             lines.append(f"{f}: {h['n_held_out']} largest runs held out: rmse {h['rmse']:.4f} nats, "
