@@ -174,8 +174,8 @@ def test_cli_writes_json_and_pngs(tmp_path, capsys):
 
 
 def test_read_runs_json_forms_and_compute_columns(tmp_path):
-    rows = [{"n_params": 1e7 * (i + 1), "tokens": 1e9, "loss": 3.0, "flops_per_token": 7e7, "ratio": 0.5}
-            for i in range(5)]
+    rows = [{"n_params": 1e7 * (i + 1), "tokens": 1e9, "loss": 3.0, "flops": None, "flops_per_token": 7e7,
+             "ratio": 0.5} for i in range(5)]  # a null is an absent value
     for data in (rows, {"runs": rows}):
         path = tmp_path / "runs.json"
         path.write_text(json.dumps(data))
@@ -210,6 +210,8 @@ def test_model_flops_agree_with_the_model_and_feed_the_table(tmp_path):
 
 BAD_INPUT = {
     "missing column": ([{"n_params": 1e7, "tokens": 1e9}], [], "row 1 has no 'loss'"),
+    "empty cell, named run": ([{"name": "r1", "n_params": 1e7, "tokens": 1e9, "loss": ""}], [],
+                              "row 1 (name 'r1') has no 'loss'"),
     "non-positive": ([{"n_params": 1e7, "tokens": -1e9, "loss": 3}], [], "row 1 has tokens = "),
     "not a number": ([{"n_params": "big", "tokens": 1e9, "loss": 3}], [], "row 1 has n_params = 'big'"),
     "too few runs": ([{"n_params": 1e7 * (i + 1), "tokens": 1e9 * (i % 2 + 1), "loss": 3} for i in range(4)], [],

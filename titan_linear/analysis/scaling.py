@@ -102,11 +102,19 @@ def _load_rows(path: str) -> list[dict]:
         rows = data.get("runs") if isinstance(data, dict) else data
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise ValueError(f"{bad}: JSON must be a list of objects or {{\"runs\": [objects]}}")
-        return rows
-    return [{k: v for k, v in row.items() if v not in (None, "")} for row in csv.DictReader(text.splitlines())]
+    else:
+        rows = list(csv.DictReader(text.splitlines()))
+    # An empty CSV cell or a JSON null is an absent value.
+    return [{k: v for k, v in row.items() if v is not None and v != ""} for row in rows]
 
 
-def _number(path: str, i: int, key: str, value) -> float:
+def _row(i: int, r: dict) -> str:
+    """"row 3", or "row 3 (name 'x')" when the table names its runs (as analysis/runs.py does)."""
+    return f"row {i} (name {r['name']!r})" if "name" in r else f"row {i}"
+
+
+def _number(path: str, i: int, r: dict, key: str) -> float:
+    value = r[key]
     try:
         if isinstance(value, bool):
             raise ValueError
@@ -114,7 +122,7 @@ def _number(path: str, i: int, key: str, value) -> float:
     except (TypeError, ValueError):
         x = float("nan")
     if not (math.isfinite(x) and x > 0):
-        raise ValueError(f"--runs = {path!r} is not allowed: row {i} has {key} = {value!r} "
+        raise ValueError(f"--runs = {path!r} is not allowed: {_row(i, r)} has {key} = {value!r} "
                          f"({', '.join(REQUIRED + OPTIONAL_NUMBERS)} must be finite numbers > 0)")
     return x
 
@@ -136,20 +144,20 @@ def read_runs(path: str, family_key: str | None = None) -> list[dict]:
     for i, r in enumerate(rows, 1):
         for col in REQUIRED:
             if col not in r:
-                raise ValueError(f"--runs = {path!r} is not allowed: row {i} has no {col!r} "
+                raise ValueError(f"--runs = {path!r} is not allowed: {_row(i, r)} has no {col!r} "
                                  f"(every row needs {', '.join(REQUIRED)})")
-        run = {col: _number(path, i, col, r[col]) for col in REQUIRED}
+        run = {col: _number(path, i, r, col) for col in REQUIRED}
         if keyed or family_key is not None:
             if key not in r:
-                raise ValueError(f"--family-key = {key!r} is not allowed: row {i} of {path!r} has no such column")
+                raise ValueError(f"--family-key = {key!r} is not allowed: {_row(i, r)} of {path!r} has no such column")
             run["family"] = str(r[key])
         else:
             run["family"] = DEFAULT_FAMILY
         run["flops"] = None
         if "flops" in r:
-            run["flops"] = _number(path, i, "flops", r["flops"])
+            run["flops"] = _number(path, i, r, "flops")
         elif "flops_per_token" in r:
-            run["flops"] = _number(path, i, "flops_per_token", r["flops_per_token"]) * run["tokens"]
+            run["flops"] = _number(path, i, r, "flops_per_token") * run["tokens"]
         elif "config" in r:
             over = r.get("overrides") or []
             over = over.split() if isinstance(over, str) else [str(o) for o in over]
@@ -160,7 +168,7 @@ def read_runs(path: str, family_key: str | None = None) -> list[dict]:
                 try:
                     models[cache_key] = model_flops(str(r["config"]), over)["flops_per_token"]
                 except ValueError as e:
-                    raise ValueError(f"--runs = {path!r} is not allowed: row {i}: {e}") from None
+                    raise ValueError(f"--runs = {path!r} is not allowed: {_row(i, r)}: {e}") from None
             run["flops"] = models[cache_key] * run["tokens"]
         runs.append(run)
     return runs
@@ -349,17 +357,21 @@ def _iv(x, iv, fmt="{:.3f}") -> str:
 def summary(result: dict) -> str:
     """The short text table the CLI prints."""
     lvl = f"{100 * result['settings']['level']:.0f}%"
-    lines = [f"{'family':<14}{'runs':>5}  {'E':<22}{'alpha':<22}{'beta':<22}{'N_opt ~ C^a':<22}rmse(log L)"]
+    w = max(len(f) for f in [*result["families"], "family"]) + 2
+    lines = [f"{'family':<{w}}{'runs':>5}  {'E':<22}{'alpha':<22}{'beta':<22}{'N_opt ~ C^a':<22}rmse(log L)"]
     for f, r in result["families"].items():
         iv = r["intervals"] or {}
         get = lambda k: (iv.get(k) or {}).get("interval")  # noqa: E731
-        lines.append(f"{f:<14}{r['n_runs']:>5}  {_iv(r['fit']['E'], get('E')):<22}{_iv(r['fit']['alpha'], get('alpha')):<22}"
+        lines.append(f"{f:<{w}}{r['n_runs']:>5}  {_iv(r['fit']['E'], get('E')):<22}{_iv(r['fit']['alpha'], get('alpha')):<22}"
                      f"{_iv(r['fit']['beta'], get('beta')):<22}"
                      f"{_iv(r['n_opt_exponent']['value'], r['n_opt_exponent']['interval']):<22}{r['fit']['rmse_log_loss']:.4f}")
     for f, r in result["families"].items():
         iso = r["isoflop"]["n_star_law"]
         if iso:
             lines.append(f"{f}: IsoFLOP N* ~ C^{iso['exponent']:.3f} from {r['isoflop']['n_groups_used']} groups")
+        else:
+            lines.append(f"{f}: IsoFLOP: {r['isoflop']['n_groups_used']} compute group(s) with a minimum inside "
+                         "their N range; N*(C) needs 2 (each group needs 3+ distinct N)")
         for p in r["predictions"]:
             lines.append(f"{f}: N {p['n_params']:.3g}, D {p['tokens']:.3g}: loss {_iv(p['loss'], p['ci'], '{:.4f}')}"
                          + (f", one run {lvl}: [{p['pi'][0]:.4f}, {p['pi'][1]:.4f}]" if p["pi"] else ""))
