@@ -90,7 +90,7 @@ class TitanLinearLM(TemplateLM):
         config: the training TOML.
         checkpoint: a DCP `step-N` folder or the checkpoint folder (newest step); or
         random_init: True for random weights seeded by `seed`.
-        device, dtype: "cpu" / "cuda", "bf16" / "fp32" (defaults as `--device` / `--dtype`).
+        device, dtype: "cpu" / "cuda" / "cuda:N", "bf16" / "fp32" (defaults as `--device` / `--dtype`).
         seed: seeds random init and sampled generation. Default 0.
         max_length: the longest window in tokens; default `training.seq_len`.
         batch_size: requests per forward. Default 1.
@@ -109,6 +109,10 @@ class TitanLinearLM(TemplateLM):
                 raise ValueError("model_args config and exactly one of checkpoint / random_init=True are required")
             if isinstance(overrides, str):
                 overrides = shlex.split(overrides)
+            if isinstance(device, str) and device.startswith("cuda:"):  # lm-eval's CLI default is cuda:0
+                if torch.cuda.is_available():
+                    torch.cuda.set_device(int(device[5:]))
+                device = "cuda"
             args = SimpleNamespace(config=config, checkpoint=checkpoint, random_init=bool(random_init),
                                    seed=self.seed, device=device, dtype=dtype)
             loaded = load_model(args, list(overrides or []))
