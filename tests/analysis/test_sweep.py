@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 from tests.integration.harness import REPO, losses_of, strip_ansi
+from titan_linear.analysis import sweep as sweep_module
 from titan_linear.analysis.sweep import main, parse_base
 from titan_linear.analysis.sweep_spec import load_spec
 
@@ -138,6 +139,26 @@ def test_slurm_writes_an_array_script_and_run_records(tmp_path, capsys):
     record = json.loads((out / "ratio0.5-front-seed1" / "run.json").read_text())
     assert set(record) == RUN_KEYS
     assert record["group"] == "ratio0.5-front" and record["seed"] == 1 and record["base_config"] == DEBUG
+
+
+def test_a_failed_run_is_reported_by_name_and_the_others_go_on(tmp_path, capsys, monkeypatch):
+    spec = load_spec(write_spec(tmp_path, '[fixed]\n"training.steps" = 4\n[grid]\n"debug.seed" = [0, 1]\n'), parse_base)
+    sweep_module.check_runs(spec, spec.runs, False)
+
+    def fake_launch(spec_, run, python):  # seed0 saves its final step; seed1 dies with a message
+        if run.name == "seed0":
+            step = os.path.join(run.dump_folder, "checkpoint", "step-4")
+            return ["bash", "-c", f"mkdir -p {step} && touch {step}/.metadata"]
+        return ["bash", "-c", "echo training...; echo 'titan_linear: error: rank 0 failed: boom'; exit 1"]
+
+    monkeypatch.setattr(sweep_module, "launch_command", fake_launch)
+    assert sweep_module.sweep(spec, spec.runs, [{}, {}], False, "python") == 1
+    captured = capsys.readouterr()
+    assert "seed1: failed" in captured.err and "titan_linear: error: rank 0 failed: boom" in captured.err
+    rows = {ln.split()[0]: ln.split() for ln in captured.out.splitlines()[1:3]}
+    assert rows["seed0"][1:4] == ["done", rows["seed0"][2], "4/4"] and rows["seed1"][1] == "failed"
+    for run in spec.runs:
+        assert set(json.loads(open(os.path.join(run.dump_folder, "run.json")).read())) == RUN_KEYS
 
 
 TINY = """

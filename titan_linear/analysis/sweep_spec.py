@@ -271,7 +271,7 @@ def load_spec(path: str, parse_base) -> Spec:
     fixed, grid = _table(raw, "fixed"), _table(raw, "grid")
     entries = raw.get("runs", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise ValueError("runs is not allowed as given: write each extra point as a [[runs]] table")
+        raise ValueError(f"runs = {entries!r} is not allowed: write each extra point as a [[runs]] table")
     if not grid and not entries:
         raise ValueError(f"SPEC = {path!r} is not allowed: it names no run (add a [grid] or [[runs]] table)")
     ev, slurm = _table(raw, "eval", EVAL_KEYS), _table(raw, "slurm", SLURM_KEYS)
