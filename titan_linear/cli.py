@@ -8,7 +8,7 @@ the evaluation tools `python -m titan_linear.eval.<name>`.
   checkpoint with another map refused), its weights, its tokenizer;
 - `run_main(prog, run, argv)`: every bad input ends in one line naming the flag and the
   value, exit status 2;
-- `write_json(path, obj)`: results written whole or not at all.
+- `write_json(path, obj)`, `write_text(path, text)`: results written whole or not at all.
 """
 
 import argparse
@@ -44,6 +44,12 @@ def model_parser(prog: str, description: str | None) -> Parser:
     p.add_argument("--device", default=None, help="cpu or cuda; default cuda when there is one")
     p.add_argument("--dtype", default=None, help="bf16 or fp32; default bf16 on cuda, fp32 on cpu")
     return p
+
+
+def check_at_least(flag: str, value, minimum: int = 1) -> None:
+    """Raise the one-line ValueError for an integer flag below `minimum`; None (not given) passes."""
+    if value is not None and value < minimum:
+        raise ValueError(f"{flag} = {value} is not allowed: an integer >= {minimum}")
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -124,15 +130,21 @@ def load_model(args, overrides: list[str], max_len: int | None = None) -> Loaded
     return Loaded(job_config, model_args, model, tokenizer, device, torch_dtype, source, dtype)
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Write `obj` as JSON to `path` through a temporary file, so a failure leaves nothing half-written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+def write_text(path: str, text: str, mode: int | None = None) -> None:
+    """Write `text` (UTF-8, as it is) to `path` through a temporary file, so a failure leaves
+    nothing half-written; `mode`: the file's permission bits (e.g. 0o755), else the default."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    if mode is not None:
+        os.chmod(tmp, mode)
     os.replace(tmp, path)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write `obj` as JSON to `path`, whole or not at all (`write_text`)."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def run_main(prog: str, run: Callable[[list[str]], int], argv: list[str] | None = None) -> int:

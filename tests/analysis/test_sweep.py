@@ -12,6 +12,7 @@ import pytest
 
 from tests.integration.harness import REPO, losses_of, strip_ansi
 from titan_linear.analysis import sweep as sweep_module
+from titan_linear.analysis.runs import read_run
 from titan_linear.analysis.sweep import main, parse_base
 from titan_linear.analysis.sweep_spec import load_spec
 
@@ -75,6 +76,8 @@ def test_list_typed_key_takes_lists_of_lists(tmp_path):
     ('[grid]\n"model.linear_attn_placement" = ["uniform", "sideways"]\n',
      ["run sideways", "model.linear_attn_placement", "'sideways'", "front"]),
     ('[fixed]\n"checkpoint.enable" = false\n[grid]\n"debug.seed" = [0]\n', ["checkpoint.enable = False", "checkpoints"]),
+    ('[grid]\n"metrics.enable_tensorboard" = [true, false]\n',
+     ["[grid] metrics.enable_tensorboard = False", "TensorBoard events"]),
     ('[grid]\n"job.dump_folder" = ["x"]\n', ["job.dump_folder", "the sweep driver sets it"]),
     ('[grid]\n"model.linear_attn_ratio" = 0.5\n', ["[grid] model.linear_attn_ratio = 0.5", "a list of values"]),
     ('[grid]\n"debug.seed" = [0]\n[eval]\nfactors = [0]\n', ["[eval] factors = [0]"]),
@@ -117,6 +120,7 @@ def test_dry_run_prints_runs_and_commands_and_writes_nothing(tmp_path, capsys):
     launch = next(ln for ln in text.splitlines() if "ratio0.5-front-seed1" in ln and "titan_linear.launch" in ln)
     for piece in ["--rdzv_endpoint localhost:0", "--nproc_per_node 1", f"--job.config_file {DEBUG}",
                   "--model.linear_attn_placement front", "--debug.seed 1", "--checkpoint.enable",
+                  "--metrics.enable_tensorboard",
                   f"--job.dump_folder {out}/ratio0.5-front-seed1", "OMP_NUM_THREADS="]:
         assert piece in launch, piece
     perplexity = [ln for ln in text.splitlines() if "titan_linear.eval.perplexity" in ln]
@@ -169,7 +173,6 @@ TINY = """
     "training.seq_len" = 64
     "training.local_batch_size" = 4
     "metrics.log_freq" = 1
-    "metrics.enable_tensorboard" = false
     "debug.deterministic" = true
     [grid]
     "debug.seed" = [0, 1]
@@ -194,6 +197,10 @@ def test_real_sweep_skips_finished_runs_and_resumes_a_cut_one(tmp_path, capsys):
     first = {n: losses_of(strip_ansi((f / "train.log").read_text())) for n, f in runs.items()}
     assert sorted(first["seed0"]) == [1, 2, 3, 4]
     assert first["seed0"][1] != first["seed1"][1]  # the seeds differ
+    for name, folder in runs.items():  # the driver turned TensorBoard on: the runs reader has the curve
+        read = read_run(str(folder))
+        assert read["name"] == name and read["seed"] == int(name[-1]) and read["steps"] == 4
+        assert dict(read["curves"]["train"]) == pytest.approx({s: v[0] for s, v in first[name].items()}, abs=1e-4)
     capsys.readouterr()
 
     sizes = {n: (f / "train.log").stat().st_size for n, f in runs.items()}

@@ -16,32 +16,41 @@ C = flops_per_token x D is given beside the 6 N D approximation.
 import os
 import sys
 
-from titan_linear.cli import Parser, run_main, split_overrides, write_json
+from titan_linear.cli import check_at_least, Parser, run_main, split_overrides, write_json
 
 PROG = "titan_linear.analysis.flops"
 
 
-def model_flops(config: str, overrides: list[str] | None = None, seq_len: int | None = None) -> dict:
-    """{"nparams", "embedding", "non_embedding", "flops_per_token", "seq_len", "layer_map", ...}
-    of the model `config` (a training TOML, plus TorchTitan overrides) at `seq_len` (default:
-    training.seq_len). Raises ValueError naming the key for a bad config."""
+def count_model(job_config, model_args, seq_len: int | None = None) -> dict:
+    """{"layer_map", "seq_len", "nparams", "embedding", "non_embedding", "flops_per_token"} of the
+    model of a parsed job config (`titan_linear.inference.build.parse_job_config`), built on the
+    meta device, at `seq_len` (default: training.seq_len)."""
     import torch
     from torch import nn
 
-    from titan_linear.inference.build import parse_job_config, train_spec
+    from titan_linear.inference.build import train_spec
 
-    job_config, model_args = parse_job_config(config, overrides)
     seq_len = seq_len or job_config.training.seq_len
     with torch.device("meta"):
         model = train_spec(job_config).model_cls(model_args)
     nparams, flops = model_args.get_nparams_and_flops(model, seq_len)
     embedding = sum(p.numel() for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
     return {
-        "config": config, "overrides": list(overrides or []), "model": job_config.model.name,
-        "flavor": job_config.model.flavor,
         "layer_map": getattr(model_args, "layer_map", "S" * model_args.n_layers),
         "seq_len": seq_len, "nparams": int(nparams), "embedding": int(embedding),
         "non_embedding": int(nparams - embedding), "flops_per_token": int(flops),
+    }
+
+
+def model_flops(config: str, overrides: list[str] | None = None, seq_len: int | None = None) -> dict:
+    """`count_model` of the model `config` (a training TOML, plus TorchTitan overrides), with the
+    config, overrides, model name and flavor. Raises ValueError naming the key for a bad config."""
+    from titan_linear.inference.build import parse_job_config
+
+    job_config, model_args = parse_job_config(config, overrides)
+    return {
+        "config": config, "overrides": list(overrides or []), "model": job_config.model.name,
+        "flavor": job_config.model.flavor, **count_model(job_config, model_args, seq_len),
     }
 
 
@@ -66,8 +75,7 @@ def run(argv: list[str]) -> int:
     args = _parser().parse_args(own)
     if args.tokens is not None and not args.tokens > 0:
         raise ValueError(f"--tokens = {args.tokens} is not allowed: a number > 0")
-    if args.seq_len is not None and args.seq_len < 1:
-        raise ValueError(f"--seq-len = {args.seq_len} is not allowed: an integer >= 1")
+    check_at_least("--seq-len", args.seq_len)
     if not os.path.isfile(args.config):
         raise ValueError(f"--config = {args.config!r} is not allowed: no such file")
     info = model_flops(args.config, overrides, args.seq_len)

@@ -24,9 +24,9 @@ per device) and MFU (`mfu(%)`) over the logged steps after the first `--warmup` 
 min(10, last step // 2): compilation and allocator warm-up; `tps_warmup_steps` says how many were
 skipped); peak memory, the largest `memory/max_reserved(GiB)`; tokens = last step x tokens per step
 (`n_tokens_seen` / its step, else global batch x seq_len of the config); `n_params` = parameters
-without the token embedding (as the model's `get_nparams_and_flops` counts them for FLOPs), built
-on the meta device from the config, or from param_report.json; `flops` = FLOPs per token (the
-model's `get_nparams_and_flops`, attention counted per layer kind) x tokens; `loss` = the best
+without the token embedding and `flops_per_token` as `python -m titan_linear.analysis.flops`
+counts them (its `count_model`: the model built on the meta device from the config), else
+n_params from param_report.json; `flops` = FLOPs per token x tokens; `loss` = the best
 validation loss, or the final train loss when nothing was validated (`loss_source` says which).
 A resumed run's events (a later events file starting at step s) replace earlier ones from step s on.
 Evaluation results are flattened to `eval.<file stem>.<metric>@<length>`, e.g.
@@ -46,7 +46,10 @@ import re
 import sys
 import warnings
 
-from titan_linear.cli import Parser, run_main, split_overrides, write_json
+from titan_linear.analysis.flops import count_model
+from titan_linear.analysis.sweep_spec import cli_args
+from titan_linear.cli import check_at_least, Parser, run_main, split_overrides, write_json, write_text
+from titan_linear.config_errors import is_number
 
 PROG = "titan_linear.analysis.runs"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -152,22 +155,6 @@ def curve_summary(scalars: dict, warmup: int | None = None) -> dict:
 
 # ---- configuration ----------------------------------------------------------------------------
 
-def override_args(overrides) -> list[str]:
-    """TorchTitan command-line overrides from run.json's {"section.key": value} (a list passes as is)."""
-    if isinstance(overrides, list):
-        return [str(x) for x in overrides]
-    args = []
-    for key, value in overrides.items():
-        if isinstance(value, bool):
-            section, _, name = key.rpartition(".")
-            args.append(f"--{key}" if value else f"--{section}.no_{name}")
-        elif isinstance(value, (list, tuple)):
-            args += [f"--{key}", *map(str, value)]
-        else:
-            args += [f"--{key}", str(value)]
-    return args
-
-
 def find_config(path: str, run_dir: str) -> str | None:
     """run.json's base_config: as given, else relative to the run folder, else to the repository."""
     for candidate in (path, os.path.join(run_dir, path), os.path.join(ROOT, path)):
@@ -187,16 +174,10 @@ def config_summary(config: str, overrides: list[str]) -> dict:
     key = (os.path.abspath(config), tuple(overrides))
     if key in _CONFIG_CACHE:
         return _CONFIG_CACHE[key]
-    import torch
-    from torch import nn
-
-    from titan_linear.inference.build import parse_job_config, train_spec
+    from titan_linear.inference.build import parse_job_config
 
     job, model_args = parse_job_config(config, overrides)
-    with torch.device("meta"):
-        model = train_spec(job).model_cls(model_args)
-    n_total, flops_per_token = model_args.get_nparams_and_flops(model, job.training.seq_len)
-    n_emb = sum(p.numel() for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
+    counts = count_model(job, model_args)
     values = {}
     for k in CONFIG_KEYS:
         section, name = k.split(".")
@@ -209,9 +190,10 @@ def config_summary(config: str, overrides: list[str]) -> dict:
     dp = job.parallelism.data_parallel_shard_degree * job.parallelism.data_parallel_replicate_degree
     global_batch = t.global_batch_size if t.global_batch_size > 0 else (t.local_batch_size * dp if dp > 0 else None)
     out = {
-        "config": values, "layer_map": getattr(model_args, "layer_map", "S" * model_args.n_layers),
+        "config": values, "layer_map": counts["layer_map"],
         "seq_len": t.seq_len, "global_batch_size": global_batch, "steps_planned": t.steps,
-        "n_params": n_total - n_emb, "n_params_total": n_total, "flops_per_token": flops_per_token,
+        "n_params": counts["non_embedding"], "n_params_total": counts["nparams"],
+        "flops_per_token": counts["flops_per_token"],
         "tb_folder": job.metrics.save_tb_folder, "checkpoint_folder": job.checkpoint.folder,
     }
     _CONFIG_CACHE[key] = out
@@ -239,7 +221,7 @@ def family_of(config: dict) -> str | None:
 # ---- evaluation results ----------------------------------------------------------------------
 
 def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return is_number(v) and math.isfinite(v)
 
 
 def flatten_eval(doc, stem: str) -> dict:
@@ -314,7 +296,7 @@ def read_run(run_dir: str, config: str | None = None, overrides=None, warmup: in
     run_dir = os.path.abspath(run_dir)
     meta = _load_json(os.path.join(run_dir, "run.json")) or {}
     name = meta.get("name") or os.path.basename(run_dir)
-    overrides = override_args(meta.get("overrides", overrides or []))
+    overrides = cli_args(meta.get("overrides", overrides or []))
     if meta.get("base_config"):
         config = find_config(meta["base_config"], run_dir)
         if config is None:
@@ -435,12 +417,8 @@ def write_table(runs: list[dict], path: str) -> None:
     """`path` ends in .json (the runs, curves included) or .csv (one row per run); written whole."""
     if path.lower().endswith(".json"):
         write_json(path, runs)
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        f.write(table_csv(runs))
-    os.replace(tmp, path)
+    else:
+        write_text(path, table_csv(runs))
 
 
 def add_reader_flags(p: Parser) -> None:
@@ -456,8 +434,7 @@ def check_reader_flags(args, overrides: list[str]) -> None:
         raise ValueError(f"-- {' '.join(overrides)} is not allowed: overrides need --config")
     if args.config is not None and not os.path.isfile(args.config):
         raise ValueError(f"--config = {args.config!r} is not allowed: no such file")
-    if args.warmup is not None and args.warmup < 0:
-        raise ValueError(f"--warmup = {args.warmup} is not allowed: an integer >= 0")
+    check_at_least("--warmup", args.warmup, 0)
 
 
 def _parser() -> Parser:

@@ -39,7 +39,7 @@ from titan_linear.analysis.isoflop import isoflop
 from titan_linear.analysis.scaling_fit import (
     N_PARAMS, bootstrap, fit_law, identifiable, parameter_intervals, percentile_interval, prediction,
 )
-from titan_linear.cli import Parser, run_main, write_json
+from titan_linear.cli import check_at_least, Parser, run_main, write_json
 
 PROG = "titan_linear.analysis.scaling"
 REQUIRED = ("n_params", "tokens", "loss")
@@ -74,8 +74,7 @@ def check_args(args) -> None:
         raise ValueError(f"--predict = {args.predict} is not allowed: pairs N D of numbers > 0")
     for flag, value, lo in (("--bootstrap", args.bootstrap, 0), ("--holdout-largest", args.holdout_largest, 0),
                             ("--refine", args.refine, 1)):
-        if value < lo:
-            raise ValueError(f"{flag} = {value} is not allowed: an integer >= {lo}")
+        check_at_least(flag, value, lo)
     if args.bootstrap == 1:
         raise ValueError("--bootstrap = 1 is not allowed: 0 (no intervals) or at least 2")
     if args.compute not in COMPUTE_MODES:

@@ -39,6 +39,17 @@ def _family_legend(ax, families, extra=()):
     ax.legend(handles=handles + list(extra), fontsize=8, title="family", title_fontsize=8)
 
 
+def _finish_loss_axes(plt, fig, ax, xlabel: str, colour: tuple, families, path: str, title: str) -> None:
+    """Log x axis, loss on y, the colour bar (`colour` = (norm, cmap, label)), the family legend; saved."""
+    norm, cmap, label = colour
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("loss (nats)")
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=label)
+    _family_legend(ax, list(families))
+    save_figure(plt, fig, path, title)
+
+
 def loss_vs_tokens(plt, result: dict, path: str) -> None:
     fams = result["families"]
     all_n = [r["n_params"] for fam in fams.values() for r in fam["runs"]]
@@ -58,12 +69,8 @@ def loss_vs_tokens(plt, result: dict, path: str) -> None:
             sizes = np.geomspace(sizes[0], sizes[-1], MAX_CURVES)
         for n in sizes:
             ax.plot(grid, law.loss(n, grid), color=cmap(norm(np.log10(n))), linestyle=STYLES[j % 4], linewidth=1.2)
-    ax.set_xscale("log")
-    ax.set_xlabel("training tokens D")
-    ax.set_ylabel("loss (nats)")
-    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="log10 N (non-embedding parameters)")
-    _family_legend(ax, list(fams))
-    save_figure(plt, fig, path, "runs and the fitted L(N, D) = E + A/N^alpha + B/D^beta")
+    _finish_loss_axes(plt, fig, ax, "training tokens D", (norm, cmap, "log10 N (non-embedding parameters)"), fams,
+                      path, "runs and the fitted L(N, D) = E + A/N^alpha + B/D^beta")
 
 
 def isoflop_curves(plt, result: dict, path: str) -> None:
@@ -86,12 +93,8 @@ def isoflop_curves(plt, result: dict, path: str) -> None:
             if g["n_star"] is not None:
                 ax.scatter([g["n_star"]], [g["loss_star"]], marker="*", s=140, zorder=4, edgecolors=colour,
                            facecolors=colour if g["inside"] else "none")
-    ax.set_xscale("log")
-    ax.set_xlabel("N (non-embedding parameters)")
-    ax.set_ylabel("loss (nats)")
-    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="log10 C (training FLOPs)")
-    _family_legend(ax, list(fams))
-    save_figure(plt, fig, path, "IsoFLOP curves: parabola in ln N per compute group, minima starred")
+    _finish_loss_axes(plt, fig, ax, "N (non-embedding parameters)", (norm, cmap, "log10 C (training FLOPs)"), fams,
+                      path, "IsoFLOP curves: parabola in ln N per compute group, minima starred")
 
 
 def compute_optimal(plt, result: dict, path: str) -> None:

@@ -16,7 +16,8 @@ base_config, overrides, seed; written before it starts) and `train.log`, launche
 run_train.sh launches (`python -m titan_linear.launch run`, one process, torchrun's c10d store on
 a port the system picks, so runs share a machine without port clashes). The driver adds
 `--checkpoint.enable` to every run: a run whose final step is checkpointed is skipped on a
-re-run, and a cut one resumes from its newest checkpoint (TorchTitan's own resume).
+re-run, and a cut one resumes from its newest checkpoint (TorchTitan's own resume); and
+`--metrics.enable_tensorboard`, the events `python -m titan_linear.analysis.runs` reads.
 
 Scheduling: one run at a time by default; `--gpus 0,1 --per-gpu K` runs K at once on each
 listed GPU (CUDA_VISIBLE_DEVICES), `--parallel K` K at once without choosing GPUs (CPU). A
@@ -41,13 +42,13 @@ import threading
 import time
 from dataclasses import dataclass
 
-from titan_linear.analysis.sweep_spec import Run, Spec, cli_args, load_spec
-from titan_linear.cli import Parser, run_main, write_json
+from titan_linear.analysis.sweep_spec import DRIVER_ON, Run, Spec, cli_args, load_spec
+from titan_linear.cli import Parser, run_main, write_json, write_text
 from titan_linear.config_errors import first_line
 
 PROG = "titan_linear.analysis.sweep"
-# Set by the driver for every run, after the spec's overrides.
-DRIVER_ARGS = ["--checkpoint.enable", "--metrics.disable_color_printing"]
+# Set by the driver for every run, after the spec's overrides (which may not turn DRIVER_ON off).
+DRIVER_ARGS = [*(f"--{key}" for key in DRIVER_ON), "--metrics.disable_color_printing"]
 # What would steer torchrun or the launcher away from a single-node, single-process run.
 _STEERING = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_ID", "RDZV_CONF", "NGPU",
              "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID")
@@ -386,12 +387,7 @@ def run(argv: list[str]) -> int:
     if args.slurm:
         for r in runs:
             write_json(os.path.join(r.dump_folder, "run.json"), r.record(spec.base))
-        tmp = f"{args.slurm}.tmp{os.getpid()}"
-        os.makedirs(os.path.dirname(os.path.abspath(args.slurm)), exist_ok=True)
-        with open(tmp, "w") as f:
-            f.write(slurm_script(spec, runs, args.eval, python))
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, args.slurm)
+        write_text(args.slurm, slurm_script(spec, runs, args.eval, python), mode=0o755)
         print(f"wrote {args.slurm}: {len(runs)} array tasks; submit with: sbatch {args.slurm}")
         return 0
     return sweep(spec, runs, slots, args.eval, python)

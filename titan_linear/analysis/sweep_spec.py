@@ -41,9 +41,16 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from titan_linear.config_errors import is_int, is_number
+
 SEED_KEY = "debug.seed"
 # Keys the driver sets itself for every run.
 DRIVER_KEYS = ("job.config_file", "job.dump_folder", "job.custom_config_module")
+# Switches the driver turns on for every run, and why a spec may not turn them off.
+DRIVER_ON = {
+    "checkpoint.enable": "sweeps need checkpoints (to skip finished runs and resume cut ones)",
+    "metrics.enable_tensorboard": "titan_linear.analysis.runs reads each run's TensorBoard events",
+}
 TOP_KEYS = ("base", "out", "fixed", "grid", "runs", "eval", "slurm")
 EVAL_KEYS = ("factors", "max_tokens")
 SLURM_KEYS = ("options",)
@@ -147,9 +154,9 @@ def fits(value, tp) -> bool:
     if tp is bool:
         return isinstance(value, bool)
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_int(value)
     if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return is_number(value)
     if tp is str:
         return isinstance(value, str)
     return not isinstance(value, (dict, list))
@@ -164,9 +171,8 @@ def _is_list_type(tp) -> bool:
 def check_value(key: str, value, tp, where: str) -> None:
     if key in DRIVER_KEYS:
         raise ValueError(f"{where} {key} is not allowed: the sweep driver sets it for every run")
-    if key == "checkpoint.enable" and value is not True:
-        raise ValueError(f"{where} checkpoint.enable = {value!r} is not allowed: sweeps need checkpoints "
-                         "(to skip finished runs and resume cut ones); leave it out")
+    if key in DRIVER_ON and value is not True:
+        raise ValueError(f"{where} {key} = {value!r} is not allowed: {DRIVER_ON[key]}; leave it out")
     if not fits(value, tp):
         raise ValueError(f"{where} {key} = {value!r} is not allowed: {_describe(tp)}")
 
@@ -303,11 +309,11 @@ def load_spec(path: str, parse_base) -> Spec:
     runs.sort(key=lambda r: seed_order.index(repr(r.overrides.get(SEED_KEY))))
 
     factors = ev.get("factors", [1, 4])
-    if not (isinstance(factors, list) and factors and all(isinstance(f, int) and not isinstance(f, bool) and f >= 1 for f in factors)
+    if not (isinstance(factors, list) and factors and all(is_int(f) and f >= 1 for f in factors)
             and len(set(factors)) == len(factors)):
         raise ValueError(f"[eval] factors = {factors!r} is not allowed: a list of distinct integers >= 1")
     max_tokens = ev.get("max_tokens")
-    if max_tokens is not None and not (isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 1):
+    if max_tokens is not None and not (is_int(max_tokens) and max_tokens >= 1):
         raise ValueError(f"[eval] max_tokens = {max_tokens!r} is not allowed: an integer >= 1")
     options = slurm.get("options", [])
     if not (isinstance(options, list) and all(isinstance(o, str) and o.startswith("-") for o in options)):
@@ -315,14 +321,17 @@ def load_spec(path: str, parse_base) -> Spec:
     return Spec(path, base, out, runs, factors, max_tokens, options)
 
 
-def cli_args(overrides: dict[str, Any]) -> list[str]:
-    """TorchTitan command-line overrides for `overrides`, as its parser (tyro) reads them."""
+def cli_args(overrides: dict[str, Any] | list) -> list[str]:
+    """TorchTitan command-line overrides for `overrides` ({dotted key: value}, as a spec and
+    run.json hold them), as its parser (tyro) reads them; a list of arguments passes as is."""
+    if isinstance(overrides, list):
+        return [str(x) for x in overrides]
     out = []
     for key, value in overrides.items():
         if isinstance(value, bool):
             section, _, name = key.rpartition(".")
             out.append(f"--{key}" if value else f"--{section}.no-{name}")
-        elif isinstance(value, list):
+        elif isinstance(value, (list, tuple)):
             out += [f"--{key}", *(str(v) for v in value)]
         else:
             out += [f"--{key}", str(value)]

@@ -43,7 +43,7 @@ from types import SimpleNamespace
 
 import torch
 
-from titan_linear.cli import load_model, model_parser, run_main, split_overrides, write_json
+from titan_linear.cli import check_at_least, load_model, model_parser, run_main, split_overrides, write_json
 from titan_linear.config_errors import first_line
 from titan_linear.data import hub
 from titan_linear.data.sources import ASSETS_DIR
@@ -362,8 +362,7 @@ def check_args(args) -> None:
                          "pip install 'titan_linear[eval]' (lm-eval==0.4.13)")
     for flag, value, minimum in (("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
                                  ("--num-fewshot", args.num_fewshot, 0), ("--max-length", args.max_length, 2)):
-        if value is not None and value < minimum:
-            raise ValueError(f"{flag} = {value} is not allowed: an integer >= {minimum}")
+        check_at_least(flag, value, minimum)
     for folder in args.include_path:
         if not os.path.isdir(folder):
             raise ValueError(f"--include-path = {folder!r} is not allowed: no such directory")

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from titan_linear.cli import load_model, model_parser, run_main, split_overrides, write_json
+from titan_linear.cli import check_at_least, load_model, model_parser, run_main, split_overrides, write_json
 from titan_linear.eval.report import peak_memory, pyplot, reset_peak_memory, save_figure
 
 PROG = "titan_linear.eval.perplexity"
@@ -53,11 +53,6 @@ def _parser():
     return p
 
 
-def _positive(flag: str, value, minimum: int = 1) -> None:
-    if value is not None and value < minimum:
-        raise ValueError(f"{flag} = {value} is not allowed: an integer >= {minimum}")
-
-
 def check_args(args) -> None:
     """Raise ValueError naming the flag for every bad value that needs no model or data."""
     from titan_linear.data import dataset_names
@@ -69,11 +64,10 @@ def check_args(args) -> None:
             raise ValueError(f"--seq-lens = {L} is not allowed: an integer >= 2")
     if len(set(args.seq_lens)) != len(args.seq_lens):
         raise ValueError(f"--seq-lens = {' '.join(map(str, args.seq_lens))} is not allowed: a length is repeated")
-    _positive("--batch-size", args.batch_size)
-    _positive("--max-tokens", args.max_tokens)
-    _positive("--max-batches", args.max_batches)
-    _positive("--buckets", args.buckets)
-    _positive("--bucket-size", args.bucket_size)
+    for flag, value in (("--batch-size", args.batch_size), ("--max-tokens", args.max_tokens),
+                        ("--max-batches", args.max_batches), ("--buckets", args.buckets),
+                        ("--bucket-size", args.bucket_size)):
+        check_at_least(flag, value)
     if args.buckets is not None and args.buckets > min(args.seq_lens):
         raise ValueError(f"--buckets = {args.buckets} is not allowed: at most the shortest --seq-lens ({min(args.seq_lens)})")
     if args.plot is not None:

@@ -25,7 +25,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from titan_linear.cli import load_model, Parser, run_main, split_overrides
+from titan_linear.cli import load_model, Parser, run_main, split_overrides, write_text
 
 PROG = "titan_linear.eval.samples"
 
@@ -172,11 +172,7 @@ def run(argv: list[str]) -> int:
         how = f"temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}, seed {args.seed}"
     settings = f"{len(prompts)} prompts from `{args.prompts}`, up to {args.max_new_tokens} new tokens, {how}."
     text = to_markdown(prompts, specs, results, settings)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = f"{args.out}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, args.out)
+    write_text(args.out, text)
     print(f"{PROG}: {len(specs)} runs x {len(prompts)} prompts -> {args.out}")
     return 0
 
