@@ -108,7 +108,10 @@ def test_cli_writes_report_and_figures(sweep, tmp_path):
     assert "| no |" in next(line for line in md.splitlines() if line.startswith("| r0.5_front | r0_uniform |"))
     assert "| n/a |" in next(line for line in md.splitlines() if line.startswith("| r1_uniform | r0_uniform |"))
     assert "![placement at equal ratio](placement.png)" in md and report.BEYOND_RULE in md
-    assert "| r0_uniform | 2.02 ± 0.01 [2.01–2.03] (3) |" in md and "eval.perplexity.loss@256" in md
+    # The evaluation table: one row per result, one column per group.
+    head = next(line for line in md.splitlines() if line.startswith("| result |")).split(" | ")
+    row = next(line for line in md.splitlines() if line.startswith("| eval.perplexity.loss@256 |")).split(" | ")
+    assert row[head.index("r0_uniform")] == "2.02 ± 0.01 [2.01–2.03] (3)"
     data = json.loads((out / "report.json").read_text())
     assert len(data["runs"]) == 10 and {g["name"] for g in data["groups"]} == {
         "r0_uniform", "r0.5_front", "r0.5_uniform", "r1_uniform"}

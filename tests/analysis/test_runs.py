@@ -48,6 +48,8 @@ def test_read_run_numbers_from_events(tmp_path):
         "eval.perplexity.loss@256": 2.5, "eval.perplexity.perplexity@256": 12.18,
         "eval.perplexity.loss@2048": 3.25, "eval.perplexity.perplexity@2048": 25.79,
         "eval.passkey.exact_match@1024,0.5": 0.4, "eval.passkey.key_logprob_per_digit@1024,0.5": -1.5,
+        # and per length, the mean over its depths (one depth here)
+        "eval.passkey.exact_match@1024": 0.4, "eval.passkey.key_logprob_per_digit@1024": -1.5,
         "eval.harness.hellaswag.acc": 0.31, "eval.harness.hellaswag.acc_stderr": 0.01,
     }
     # an explicit warm-up, and a run without validation: the loss is the final train loss

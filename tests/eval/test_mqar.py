@@ -204,3 +204,30 @@ def test_mqar_cut_grid_resumes_to_the_uninterrupted_result(tmp_path, capsys, mon
     assert result["resumed_jobs"] == 3 and len(result["earlier_invocations_seconds"]) == 1
     assert summary(out) == summary(clean)
     assert not (tmp_path / "cut.json.jobs.jsonl").exists()
+
+
+def test_mqar_seeds_give_the_mean_and_range_and_pick_the_lr_by_mean(tmp_path, capsys, one_thread):
+    """--seeds trains each (map, kv, lr) once per seed; the result is the mean over seeds at the lr
+    with the best mean, with each seed's accuracy; one seed alone reproduces the plain run."""
+    argv = ["--ratios", "0", *TINY]
+    single = tmp_path / "one.json"
+    assert mqar.main(["--out", str(single), "--seed", "5", "--seeds", "5", *argv]) == 0
+    plain = tmp_path / "plain.json"
+    assert mqar.main(["--out", str(plain), "--seed", "5", *argv]) == 0
+    acc = lambda p: [(r["accuracy"], r["best_lr"]) for r in json.loads(p.read_text())["results"]]  # noqa: E731
+    assert acc(single) == acc(plain)
+
+    out = tmp_path / "three.json"
+    assert mqar.main(["--out", str(out), "--seeds", "0", "1", "2", *argv]) == 0
+    for r in json.loads(out.read_text())["results"]:
+        assert [run["seed"] for run in r["runs"]] == [0, 1, 2, 0, 1, 2]  # lr 1e-3 x seeds, then lr 3e-3
+        by_lr = {lr: [run["accuracy"] for run in r["runs"] if run["lr"] == lr] for lr in (1e-3, 3e-3)}
+        means = {lr: sum(a) / 3 for lr, a in by_lr.items()}
+        assert r["best_lr"] == max(means, key=lambda lr: (means[lr], lr == 1e-3))  # ties: equal steps here
+        assert r["accuracy_per_seed"] == by_lr[r["best_lr"]]
+        assert r["accuracy"] == pytest.approx(means[r["best_lr"]])
+        assert r["accuracy_min"] == min(by_lr[r["best_lr"]]) and r["accuracy_max"] == max(by_lr[r["best_lr"]])
+    capsys.readouterr()
+    assert mqar.main(["--out", str(tmp_path / "dup.json"), "--seeds", "1", "1", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--seeds = [1, 1]" in err[0], err

@@ -223,15 +223,30 @@ def markdown(rep: dict, figures: dict, notes: list[str]) -> str:
                 lines.append(f"| {g['config'].get(PLACEMENT)} | {g['name']} | {_fmt(g['stats']['loss'], '.4f')} | "
                              f"{_fmt(g['stats']['best_val_step'], '.0f')} | {cells} |")
             lines.append("")
-    keys = sorted({k for g in groups for k in g["eval"]})
+    # One row per result, one column per group (few groups, many results); results with two or more
+    # ids (passkey per length and depth) are left to report.json and the tools' own figures.
+    keys = sorted({k for g in groups for k in g["eval"] if k.partition("@")[2].count(",") < 1}, key=_by_id)
     if keys:
-        lines += ["", "## Evaluation results", "", "| group | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
-        lines += [f"| {g['name']} | " + " | ".join(_fmt(g["eval"][k], ".4g") if k in g["eval"] else "–" for k in keys) + " |" for g in groups]
+        lines += ["", "## Evaluation results", "",
+                  "Per group: mean ± std [min–max] (n runs) of each result (`eval.<tool>.<field>@<id>`; passkey "
+                  "averaged over depths; attention maps averaged over heads).", "",
+                  "| result | " + " | ".join(g["name"] for g in groups) + " |", "|---|" + "---:|" * len(groups)]
+        lines += [f"| {k} | " + " | ".join(_fmt(g["eval"][k], ".4g") if k in g["eval"] else "–" for g in groups) + " |"
+                  for k in keys]
     if figures:
         lines += ["", "## Figures"]
         for name, title in figures.items():
             lines += ["", f"![{title}]({name})"]
     return "\n".join(lines) + "\n"
+
+
+def _by_id(key: str) -> tuple:
+    """Sort `eval.<tool>.<field>@<id>` by name, then by the id as a number where it is one (512 < 2048)."""
+    name, _, ident = key.partition("@")
+    try:
+        return name, 0, float(ident), ""
+    except ValueError:
+        return name, 1, 0.0, ident
 
 
 def build_report(runs: list[dict], reference: str | None = None) -> dict:

@@ -76,8 +76,11 @@ CONFIG_KEYS = (
     "training.global_batch_size", "optimizer.lr", "debug.seed",
 )
 # Per evaluation tool, the fields worth a column (other tools: every number of each record).
-EVAL_FIELDS = {"perplexity": ("loss", "perplexity"), "passkey": ("exact_match", "key_logprob_per_digit")}
-EVAL_IDS = ("seq_len", "length", "depth", "kv_pairs", "layer_map", "task")
+EVAL_FIELDS = {"perplexity": ("loss", "perplexity"), "passkey": ("exact_match", "key_logprob_per_digit"),
+               "attention_maps": ("entropy", "mean_distance", "first_token_mass", "diagonal_mass")}
+EVAL_IDS = ("seq_len", "length", "depth", "kv_pairs", "layer_map", "task", "layer")
+# Also averaged over the later ids, one column per first id (passkey: per length, over depths).
+EVAL_MEANS = {"passkey": "length"}
 
 
 def _warn(message: str) -> None:
@@ -228,6 +231,9 @@ def flatten_eval(doc, stem: str) -> dict:
     """One evaluation JSON as {"eval.<stem>.<metric>@<ids>": number} (see the module docstring)."""
     tool = str(doc.get("tool", stem)).rsplit(".", 1)[-1] if isinstance(doc, dict) else stem
     results = doc.get("results", doc) if isinstance(doc, dict) else doc
+    if tool == "attention_maps" and isinstance(doc, dict) and isinstance(doc.get("layers"), list):
+        # Per layer, its statistics averaged over heads (the per-head values stay in the JSON).
+        results = [{"layer": rec.get("layer"), **rec.get("mean", {})} for rec in doc["layers"] if isinstance(rec, dict)]
     out = {}
     if isinstance(results, list):
         for rec in results:
@@ -238,6 +244,16 @@ def flatten_eval(doc, stem: str) -> dict:
             for field in EVAL_FIELDS.get(tool, rec.keys()):
                 if field not in EVAL_IDS and _number(rec.get(field)):
                     out[f"eval.{stem}.{field}{suffix}"] = rec[field]
+        by = EVAL_MEANS.get(tool)
+        if by:
+            sums: dict[str, list] = {}
+            for rec in results:
+                if isinstance(rec, dict) and by in rec:
+                    for field in EVAL_FIELDS[tool]:
+                        if _number(rec.get(field)):
+                            key = f"eval.{stem}.{field}@{rec[by]:g}" if isinstance(rec[by], float) else f"eval.{stem}.{field}@{rec[by]}"
+                            sums.setdefault(key, []).append(rec[field])
+            out.update({k: sum(v) / len(v) for k, v in sums.items() if k not in out})
     elif isinstance(results, dict):
         def walk(prefix, node):
             for k, v in node.items():

@@ -5,15 +5,17 @@
         [--seq-len 256] [--vocab 8192] [--n-layers 4] [--dim 128] [--heads 2] [--ffn-hidden 0] \\
         [--lrs 1e-4 3e-4 1e-3 3e-3] [--train-examples 100000] [--test-examples 3000] \\
         [--epochs 16] [--batch-size 256] [--early-stop 0.99] [--gap-power 0.01] [--zero-filler] \\
-        [--device cpu|cuda] [--dtype bf16|fp32] [--compile] [--parallel 1] [--seed 0]
+        [--device cpu|cuda] [--dtype bf16|fp32] [--compile] [--parallel 1] [--seed 0] [--seeds 0 1 2] [--resume]
 
 For every layer map (one per `--ratios` value, placed as training places it, uniform; plus
 every explicit `--layer-maps` string, S = softmax, L = linear, one letter per layer) and every
 `--kv-pairs` count, it trains a fresh model of the project's own classes (HybridModelArgs /
 HybridTransformer, built on meta and materialised with `init_weights`, vocab = the MQAR vocab)
-once per learning rate of `--lrs`, from the same initial weights: AdamW (weight decay 0.1),
+once per learning rate of `--lrs` (and per seed of `--seeds`, which sets the initial weights and
+the batch order; the data stay those of `--seed`), from the same initial weights: AdamW (weight decay 0.1),
 cosine decay to 0 over `--epochs`, test accuracy after every epoch, early stop once it reaches
-`--early-stop`. The best learning rate's best test accuracy is the result of (layer map, kv).
+`--early-stop`. The result of (layer map, kv) is the best learning rate's best test accuracy, with
+several seeds its mean over seeds (the best lr has the best mean), with the range and std.
 The data follow Zoology's recipe (titan_linear/eval/mqar_data.py).
 
 Default grid: ratios 0, 0.25, 0.5, 0.75, 1 of 4 layers (SSSS, SSLS, SLSL, LLSL, LLLL, as
@@ -33,21 +35,25 @@ one after another, or with `--parallel N` in N worker processes at once (torch.m
 its kv count from the same seed and runs the same training function, the results are gathered in
 the serial order, and the JSON is the same whatever N (`parallel` is recorded in the settings).
 On the CPU each worker gets the parent's torch threads divided by N (at least 1). A job's
-exception stops the command with one line naming its (layer map, kv, lr), exit status 1, and
-writes nothing. `--parallel` has not been timed on a GPU: how many models share one H200 well,
-and whether the default grid then fits in 20 minutes, is not known yet.
+exception stops the command with one line naming its (layer map, kv, lr, seed), exit status 1,
+and writes no result; the jobs finished so far stay in the journal `<out>.jobs.jsonl` (one line
+each, appended as they finish), and `--resume` with the same settings runs only the others. On
+one H200, 14 workers gave about 3.2 times the throughput of one (the GPU time-slices between
+processes).
 
-Output: JSON with the settings and, per (layer map, kv), the best accuracy, best lr, its steps,
-every learning rate's final accuracy and its curve (accuracy and loss per epoch); with
-`--plot`, accuracy against kv pairs, one line per layer map. Bad input stops with one line
+Output: JSON with the settings and, per (layer map, kv), the accuracy, best lr, its steps, the
+accuracy per seed with its min, max and std, every learning rate's final accuracy and every run's
+curve (accuracy and loss per epoch); with `--plot`, accuracy against kv pairs, one line per
+layer map, error bars spanning the seeds. Bad input stops with one line
 naming the flag and the value, exit status 2, and writes nothing.
 
-Checked so far (benchmarks/results/eval/mqar_h200_first.txt, one H200, --compile): softmax
-(SSSS) reached 0.9963 at T = 256 with 16 pairs, Zoology's >= 0.99; all-linear (LLLL) 0.047.
-Not yet checked: 32 and 64 pairs, and the time of the default grid on one H200 (meant to be
-under 20 minutes; at 60-85 s a run, run by run it is not; with `--parallel` it has not been
-timed). The CPU tests show a tiny softmax model learning a tiny MQAR (T 32, 4 pairs, vocab 64)
-to >= 0.98 within 3 epochs for 5 of 5 seeds.
+Measured on one H200 (benchmarks/results/eval/README.md): softmax (SSSS) reaches >= 0.99 at T = 256
+with 4 and 16 pairs; all-linear (LLLL) stays <= 0.05 at 16 pairs. Hybrids at 16 pairs with one
+learning rate and one seed either solve it or stay near chance, and two identical commands
+disagreed: use several `--seeds`. The default grid took about 35 minutes of one H200 at
+`--parallel 14` (estimated from the first 15 jobs), not the 20 minutes aimed at; lr 1e-4 and
+3e-4 learned nothing there. The CPU tests show a tiny softmax model learning a tiny MQAR (T 32,
+4 pairs, vocab 64) to >= 0.98 within 3 epochs for 5 of 5 seeds.
 """
 
 import importlib.util
@@ -96,6 +102,9 @@ def _parser() -> Parser:
     p.add_argument("--parallel", type=int, default=1,
                    help="train this many models at once, in as many worker processes (default 1: one by one)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the initial weights and the batch order")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="train every (layer map, kv, lr) once per seed (initial weights and batch order; the "
+                        "data stay those of --seed) and report the mean over seeds (default: --seed alone)")
     p.add_argument("--resume", action="store_true",
                    help="skip the jobs that the journal <out>.jobs.jsonl of a cut run with the same settings holds")
     return p
@@ -146,6 +155,8 @@ def check_args(args):
         raise _bad("ffn-hidden", args.ffn_hidden, "an integer >= 0")
     if args.dim % args.heads or (args.dim // args.heads) % 2:
         raise _bad("heads", args.heads, f"a divisor of --dim {args.dim} giving an even head dim (RoPE)")
+    if args.seeds and len(set(args.seeds)) != len(args.seeds):
+        raise _bad("seeds", args.seeds, "distinct integers")
     for lr in args.lrs:
         if not (math.isfinite(lr) and lr > 0):
             raise _bad("lrs", lr, "numbers > 0")
@@ -172,7 +183,7 @@ def check_args(args):
     return maps, device, dtype
 
 
-def build_model(layer_map: str, args, device):
+def build_model(layer_map: str, args, device, seed: int | None = None):
     """A HybridTransformer with `layer_map`, materialised on `device` with init_weights from `--seed`.
 
     Its output layer is returned apart, `(model, head)`, with `model.output = None` (torchtitan's
@@ -195,7 +206,7 @@ def build_model(layer_map: str, args, device):
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # --ffn-hidden 0
         model = HybridTransformer(margs)
     model.to_empty(device=device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed if seed is None else seed)
     with torch.no_grad():
         model.init_weights(buffer_device=device)
     head, model.output = model.output, None
@@ -218,12 +229,13 @@ def _loss_and_hits(model, head, tokens, positions, targets):
     return loss, hits
 
 
-def train_one(layer_map: str, lr: float, data, args, device, dtype, step_fn) -> dict:
-    """Train one model at one learning rate; its curve and results."""
+def train_one(layer_map: str, lr: float, data, args, device, dtype, step_fn, seed: int | None = None) -> dict:
+    """Train one model at one learning rate from `seed` (default --seed); its curve and results."""
     import torch
 
     (x_train, q_train, y_train), (x_test, q_test, y_test) = data
-    model, head = build_model(layer_map, args, device)
+    seed = args.seed if seed is None else seed
+    model, head = build_model(layer_map, args, device, seed)
     params = list(model.parameters()) + list(head.parameters())
     # fused: one kernel per step on CUDA; these models are small enough that launches, not
     # arithmetic, bound a step.
@@ -233,7 +245,7 @@ def train_one(layer_map: str, lr: float, data, args, device, dtype, step_fn) -> 
     total = per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
-    order = torch.Generator().manual_seed(args.seed)
+    order = torch.Generator().manual_seed(seed)
     curve, step, best, stopped, diverged = [], 0, 0.0, False, False
     t0 = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
@@ -261,7 +273,7 @@ def train_one(layer_map: str, lr: float, data, args, device, dtype, step_fn) -> 
             stopped = True
             break
     return {
-        "lr": lr, "accuracy": best, "final_accuracy": curve[-1]["test_accuracy"], "steps": step,
+        "lr": lr, "seed": seed, "accuracy": best, "final_accuracy": curve[-1]["test_accuracy"], "steps": step,
         "epochs": len(curve), "early_stopped": stopped, "diverged": diverged,
         "seconds": round(time.perf_counter() - t0, 2), "curve": curve,
     }
@@ -305,14 +317,18 @@ def _step_fn(args, n_graphs: int):
     return torch.compile(_loss_and_hits)
 
 
-def _jobs(maps, args) -> list[tuple[int, str, float]]:
-    """(kv, layer map, lr) per training run, in the serial order: kv, then map, then lr."""
-    return [(kv, m, lr) for kv in args.kv_pairs for _, m in maps for lr in args.lrs]
+def _seeds(args) -> list[int]:
+    return args.seeds if args.seeds else [args.seed]
+
+
+def _jobs(maps, args) -> list[tuple[int, str, float, int]]:
+    """(kv, layer map, lr, seed) per training run, in the serial order: kv, map, lr, then seed."""
+    return [(kv, m, lr, s) for kv in args.kv_pairs for _, m in maps for lr in args.lrs for s in _seeds(args)]
 
 
 def _job_name(job) -> str:
-    kv, layer_map, lr = job
-    return f"layer map {layer_map}, kv {kv}, lr {lr:g}"
+    kv, layer_map, lr, seed = job
+    return f"layer map {layer_map}, kv {kv}, lr {lr:g}, seed {seed}"
 
 
 def _failure(job, e: BaseException) -> str:
@@ -329,11 +345,11 @@ class _Runner:
         self.kv, self.data = None, None
 
     def __call__(self, job) -> dict:
-        kv, layer_map, lr = job
+        kv, layer_map, lr, seed = job
         if kv != self.kv:
             self.kv, self.data = None, None  # free the last kv count's data first
             self.data, self.kv = load_data(kv, self.args, self.device), kv
-        return train_one(layer_map, lr, self.data, self.args, self.device, self.dtype, self.step_fn)
+        return train_one(layer_map, lr, self.data, self.args, self.device, self.dtype, self.step_fn, seed)
 
 
 _worker_runner = None  # one per worker process
@@ -448,25 +464,34 @@ def run_grid(maps, args, device, dtype, log=print, journal: Journal | None = Non
     jobs = _jobs(maps, args)
     n_graphs = len(maps) * len(args.kv_pairs)
     labels = {m: label for label, m in maps}
-    n_lrs = len(args.lrs)
+    n_seeds = len(_seeds(args))
+    size = len(args.lrs) * n_seeds  # one (layer map, kv) group: its lrs x seeds are consecutive jobs
     runs: list[dict | None] = [None] * len(jobs)
     results: dict[int, dict] = {}
 
     def done(i: int, run: dict) -> None:
         runs[i] = run
-        g = i // n_lrs  # the (layer map, kv) group: its lrs are consecutive jobs
-        group = runs[g * n_lrs:(g + 1) * n_lrs]
+        g = i // size
+        group = runs[g * size:(g + 1) * size]
         if any(r is None for r in group):
             return
-        kv, layer_map, _ = jobs[g * n_lrs]
-        best = max(group, key=lambda r: (r["accuracy"], -r["steps"]))
+        kv, layer_map, _, _ = jobs[g * size]
+        by_lr = [group[j:j + n_seeds] for j in range(0, size, n_seeds)]
+        mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+        # The best lr has the best mean accuracy over seeds (fewer steps breaks a tie, as one seed's
+        # early stop does): a lucky seed of another lr does not pick it.
+        best = max(by_lr, key=lambda rs: (mean(rs, "accuracy"), -mean(rs, "steps")))
+        accs = [r["accuracy"] for r in best]
+        std = (sum((a - mean(best, "accuracy")) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if len(accs) > 1 else 0.0
         results[g] = {
-            "label": labels[layer_map], "layer_map": layer_map, "kv_pairs": kv, "accuracy": best["accuracy"],
-            "best_lr": best["lr"], "steps": best["steps"],
-            "per_lr_final_accuracy": {f"{r['lr']:g}": r["final_accuracy"] for r in group}, "runs": group,
+            "label": labels[layer_map], "layer_map": layer_map, "kv_pairs": kv, "accuracy": mean(best, "accuracy"),
+            "best_lr": best[0]["lr"], "steps": round(mean(best, "steps")),
+            "accuracy_per_seed": accs, "accuracy_min": min(accs), "accuracy_max": max(accs), "accuracy_std": std,
+            "per_lr_final_accuracy": {f"{rs[0]['lr']:g}": mean(rs, "final_accuracy") for rs in by_lr}, "runs": group,
         }
-        log(f"{layer_map} kv {kv}: accuracy {best['accuracy']:.4f} at lr {best['lr']:g} "
-            f"({best['steps']} steps; {sum(r['seconds'] for r in group):.1f} s for {len(group)} lrs)")
+        spread = f" [{min(accs):.4f}-{max(accs):.4f} over {len(accs)} seeds]" if len(accs) > 1 else ""
+        log(f"{layer_map} kv {kv}: accuracy {mean(best, 'accuracy'):.4f}{spread} at lr {best[0]['lr']:g} "
+            f"({round(mean(best, 'steps'))} steps; {sum(r['seconds'] for r in group):.1f} s for {len(group)} runs)")
 
     def finished(i: int, run: dict) -> None:
         if journal is not None:
@@ -503,11 +528,15 @@ def plot(results: list[dict], path: str, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label in dict.fromkeys(r["label"] for r in results):
-        rows = sorted((r["kv_pairs"], r["accuracy"]) for r in results if r["label"] == label)
-        ax.plot([k for k, _ in rows], [a for _, a in rows], marker="o", label=label)
+        rows = sorted((r["kv_pairs"], r["accuracy"], r["accuracy_min"], r["accuracy_max"])
+                      for r in results if r["label"] == label)
+        kv, acc = [r[0] for r in rows], [r[1] for r in rows]
+        # Error bars: the range over seeds (none with one seed).
+        err = [[a - lo for _, a, lo, _ in rows], [hi - a for _, a, _, hi in rows]]
+        ax.errorbar(kv, acc, yerr=err, marker="o", capsize=3, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("key-value pairs")
-    ax.set_ylabel("test accuracy (best lr)")
+    ax.set_ylabel("test accuracy (best lr; mean and range over seeds)")
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
     ax.legend(fontsize=8)
