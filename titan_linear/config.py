@@ -22,6 +22,28 @@ class Model:
     linear_attn_placement: str = "uniform"
     """Where the linear layers go: uniform (spread through the depth), front, middle, back."""
 
+    linear_attn_temperature: float = 1.0
+    """Temperature of the linear layers' two softmaxes (> 0): q and k are divided by it before
+    softmax(q) over features and the causal softmax of k over positions. 1.0 (the default) is the
+    seed's formula; below 1 sharpens both, above 1 flattens them. docs/attention.md, "Options"."""
+
+    linear_attn_learned_temperature: bool = False
+    """Learn the temperature of the linear layers per head (separately for q's heads and k's
+    heads), starting at `linear_attn_temperature`. Off by default."""
+
+    linear_attn_output_norm: bool = False
+    """Per-head RMSNorm of the linear layers' attention output before `wo`, with a learned
+    weight per head and feature (as TransNormer and GLA). Off by default."""
+
+    linear_attn_output_gate: bool = False
+    """Multiply the linear layers' attention output by sigmoid(x W_g) before `wo` (W_g: a
+    dim -> n_heads * head_dim projection of the block input). Off by default."""
+
+    linear_attn_short_conv: int = 0
+    """Kernel size of a causal depthwise convolution on the linear layers' q, k, v after their
+    projections (0, the default, is off; fla's layers use 4; allowed 2..32). Decoding carries its
+    last kernel - 1 inputs."""
+
     n_layers: int = 0
     """Override the flavor's number of layers (0 keeps the flavor's)."""
 

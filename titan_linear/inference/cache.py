@@ -3,14 +3,17 @@
 Softmax layers keep a `KVCache`: the RoPE-rotated keys and the values of every token so far,
 in tensors allocated once for `max_len` positions, so decoding never reallocates. Linear layers
 keep the `RecurrentState` of the efficient-attention op: (S, z), d_k x d_v + d_k numbers per
-kv head whatever the number of tokens, so their memory per generated token is zero.
+kv head whatever the number of tokens, so their memory per generated token is zero. A linear
+layer with a short convolution (`linear_attn_short_conv` = K) also keeps its last K - 1 inputs
+(q, k, v before the convolution) in `Caches.conv`, again of a fixed size.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from titan_linear.models.hybrid.linear_options import ConvState
 from titan_linear.models.hybrid.model import LinearAttention
 from titan_linear.ops.efficient_attn import RecurrentState
 
@@ -71,11 +74,14 @@ class Caches:
             (linear; None until the first token).
         max_len: positions the KV caches can hold.
         length: tokens processed so far; the next token sits at this position.
+        conv: layer name -> the short convolution's last inputs (q, k, v), each (bs, K - 1,
+            channels), for linear layers with one, once a token has gone through.
     """
 
     layers: dict[str, LayerCache]
     max_len: int
     length: int = 0
+    conv: dict[str, ConvState] = field(default_factory=dict)
 
     @classmethod
     def allocate(cls, model: nn.Module, bs: int, max_len: int) -> "Caches":
@@ -102,6 +108,7 @@ class Caches:
                 out[name] = c.S.nbytes + c.z.nbytes
             else:
                 out[name] = 0
+            out[name] += sum(t.nbytes for t in self.conv.get(name, ()))
         return out
 
     def allocated_nbytes(self) -> int:
@@ -112,4 +119,4 @@ class Caches:
                 total += c.k.nbytes + c.v.nbytes
             elif isinstance(c, RecurrentState):
                 total += c.S.nbytes + c.z.nbytes
-        return total
+        return total + sum(t.nbytes for state in self.conv.values() for t in state)

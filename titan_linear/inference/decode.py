@@ -10,7 +10,9 @@ feed_forward), the same arithmetic as TransformerBlock.forward for a sequence of
   length, i.e. for every decoded token (~50 ms a call on an H100, against 0.05 ms for
   torch's default choice);
 - linear layer: `efficient_attention_step` from the layer's RecurrentState, no RoPE (as in
-  training, see models/hybrid/model.py); the state keeps its size.
+  training, see models/hybrid/model.py); the state keeps its size. The layer's own
+  `project` and `mix_output` (models/hybrid/model.py) apply its options around the step
+  (short convolution from `caches.conv`, feature scale, output norm and gate), as in training.
 """
 
 import torch
@@ -38,9 +40,11 @@ def _softmax_attention_step(attn: nn.Module, x, cache: KVCache, pos: int, freqs_
 
 
 def _linear_attention_step(attn: nn.Module, x, caches: Caches, name: str) -> torch.Tensor:
-    xq, xk, xv = (split_heads(p, x, attn.head_dim).transpose(1, 2) for p in (attn.wq, attn.wk, attn.wv))
+    xq, xk, xv, conv = attn.project(x, caches.conv.get(name))
     out, caches.layers[name] = efficient_attention_step(xq, xk, xv, caches.layers[name])
-    return out  # (bs, n_heads, 1, head_dim)
+    if conv is not None:
+        caches.conv[name] = conv
+    return attn.mix_output(out, x)  # (bs, n_heads, 1, head_dim)
 
 
 def through_blocks(model: nn.Module, token: torch.Tensor, attend) -> torch.Tensor:

@@ -10,7 +10,8 @@ fixed, so this step differs from decode_step in three ways, with the same maths:
   are written into the KV cache by index_copy_;
 - softmax layers attend over the whole preallocated cache with a mask of the positions filled
   so far (positions past the token get weight 0), so every step has the same shapes;
-- linear layers write their new recurrent state into the state tensors in place.
+- linear layers write their new recurrent state (and short-convolution inputs) into the state
+  tensors in place.
 
 `static_decode_step` runs on any device (CPU tests check it against the parallel forward);
 `GraphDecoder` captures it on CUDA (GPU tests check it against decode_step).
@@ -63,12 +64,15 @@ def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, filled:
     return out.reshape(bs, n_kv, rows, d)
 
 
-def _linear_attention(attn: nn.Module, x, state: RecurrentState):
-    xq, xk, xv = (split_heads(p, x, attn.head_dim).transpose(1, 2) for p in (attn.wq, attn.wk, attn.wv))
+def _linear_attention(attn: nn.Module, x, state: RecurrentState, conv_state):
+    xq, xk, xv, new_conv = attn.project(x, conv_state)
     out, new = efficient_attention_step(xq, xk, xv, state)
     state.S.copy_(new.S)
     state.z.copy_(new.z)
-    return out
+    if new_conv is not None:
+        for old, new_t in zip(conv_state, new_conv):
+            old.copy_(new_t)
+    return attn.mix_output(out, x)
 
 
 @torch.no_grad()
@@ -88,7 +92,7 @@ def static_decode_step(model: nn.Module, token: torch.Tensor, caches: Caches, po
 
     def attend(name, block, x):
         if is_linear(block):
-            return _linear_attention(block.attention, x, caches.layers[name])
+            return _linear_attention(block.attention, x, caches.layers[name], caches.conv.get(name))
         return _softmax_attention(block.attention, x, caches.layers[name], pos, filled, model.freqs_cis)
 
     return through_blocks(model, token, attend)
@@ -117,6 +121,7 @@ class GraphDecoder:
         # requires, then put back the recurrent states that warm-up advanced; what it wrote into
         # the KV caches sits at the next position, which the first real step overwrites.
         saved = {n: (c.S.clone(), c.z.clone()) for n, c in caches.layers.items() if isinstance(c, RecurrentState)}
+        saved_conv = {n: tuple(t.clone() for t in state) for n, state in caches.conv.items()}
         self.pos.fill_(caches.length)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -126,6 +131,9 @@ class GraphDecoder:
         for n, (S, z) in saved.items():
             caches.layers[n].S.copy_(S)
             caches.layers[n].z.copy_(z)
+        for n, state in saved_conv.items():
+            for t, old in zip(caches.conv[n], state):
+                t.copy_(old)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = static_decode_step(model, self.token, caches, self.pos)

@@ -15,6 +15,9 @@ in softmax layers, and stores:
   one exp and one matmul per kv head; every exponent is ≤ 0, so nothing overflows. This is
   the state the recurrence ends in (docs/attention.md, "Recurrent form"), in the op's
   compute dtype (fp32, fp64 for fp64 inputs).
+
+A forward hook on a linear layer's `attention.short_conv` (when the layer has one) stores the
+state the convolution returns: its last K - 1 inputs, zeros before the first token.
 """
 
 import torch
@@ -57,6 +60,14 @@ def _store_hook(caches: Caches, name: str, linear: bool):
     return hook
 
 
+def _conv_hook(caches: Caches, name: str):
+    def hook(module, args, output):
+        # clone: the state is a view into the whole padded prompt, which it must not keep alive
+        caches.conv[name] = tuple(t.clone() for t in output[1])
+
+    return hook
+
+
 @torch.no_grad()
 def prefill(
     model: nn.Module,
@@ -91,6 +102,11 @@ def prefill(
     handles = [
         block.attention.inner_attention.register_forward_pre_hook(_store_hook(caches, name, is_linear(block)))
         for name, block in model.layers.items()
+    ]
+    handles += [
+        block.attention.short_conv.register_forward_hook(_conv_hook(caches, name))
+        for name, block in model.layers.items()
+        if is_linear(block) and block.attention.short_conv is not None
     ]
     try:
         # Transformer.forward, with the output projection cut to the positions asked for.

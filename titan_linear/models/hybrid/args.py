@@ -1,7 +1,7 @@
 """Model arguments of the hybrid llama3: llama3's fields plus the layer mix."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -9,10 +9,30 @@ from torchtitan.config import JobConfig
 from torchtitan.models.llama3.model.args import TransformerModelArgs
 from torchtitan.tools.logging import logger
 
+from titan_linear.config import Model as ModelConfig
 from titan_linear.config_errors import bad_value, ConfigError, is_int, is_number
 from titan_linear.recipe import check_recipe
 
 from .placement import layer_map_string, place_layers, PLACEMENTS
+
+
+def linear_options_from(m) -> dict:
+    """The linear-layer options of a [model] config section, checked; raises ConfigError."""
+    out = {}
+    temp = getattr(m, "linear_attn_temperature", 1.0)
+    if not is_number(temp) or not math.isfinite(temp) or temp <= 0:
+        raise bad_value("model.linear_attn_temperature", temp, "a finite number > 0 (1.0 is off)")
+    out["linear_attn_temperature"] = float(temp)
+    for key in ("linear_attn_learned_temperature", "linear_attn_output_norm", "linear_attn_output_gate"):
+        value = getattr(m, key, False)
+        if not isinstance(value, bool):
+            raise bad_value(f"model.{key}", value, "true or false")
+        out[key] = value
+    conv = getattr(m, "linear_attn_short_conv", 0)
+    if not is_int(conv) or not (conv == 0 or 2 <= conv <= 32):
+        raise bad_value("model.linear_attn_short_conv", conv, "0 (off) or a kernel size in [2, 32]")
+    out["linear_attn_short_conv"] = conv
+    return out
 
 
 @dataclass
@@ -23,6 +43,12 @@ class HybridModelArgs(TransformerModelArgs):
     linear_attn_ratio: float = 0.0
     linear_attn_layers: tuple[int, ...] = ()
     linear_attn_placement: str = "uniform"
+    # Options of the linear layers (titan_linear/config.py, docs/attention.md); off by default.
+    linear_attn_temperature: float = 1.0
+    linear_attn_learned_temperature: bool = False
+    linear_attn_output_norm: bool = False
+    linear_attn_output_gate: bool = False
+    linear_attn_short_conv: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -55,9 +81,10 @@ class HybridModelArgs(TransformerModelArgs):
         the flavor's arguments untouched.
         """
         m = job_config.model
+        defaults = {f.name: f.default for f in fields(ModelConfig)}
         for key, owner in self.FOREIGN_KEYS.items():
             value = getattr(m, key, None)
-            if value is not None:
+            if value is not None and value != defaults.get(key):
                 raise bad_value(f"model.{key}", value,
                                 f"unset for model.name = {m.name!r} (it applies to {owner} only)")
         # The recipe (optimizer groups, schedules, monitoring) is checked here for every model.
@@ -103,6 +130,10 @@ class HybridModelArgs(TransformerModelArgs):
                             "1 when the model has linear-attention layers (context parallel "
                             "for linear attention is not supported yet)")
 
+        options = linear_options_from(m)
+        if not ids and any(options[k] != defaults[k] for k in options):
+            logger.warning("the model.linear_attn_* options have no effect: the model has no linear layers")
+
         val = job_config.validation
         if val.enable and val.seq_len > job_config.training.seq_len:
             raise bad_value("validation.seq_len", val.seq_len,
@@ -117,6 +148,8 @@ class HybridModelArgs(TransformerModelArgs):
         self.linear_attn_ratio = float(ratio)
         self.linear_attn_layers = tuple(layers)
         self.linear_attn_placement = placement
+        for key, value in options.items():
+            setattr(self, key, value)
         super().update_from_config(job_config, **kwargs)
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:

@@ -14,6 +14,8 @@ keep RoPE, as in hybrid models whose recurrent/linear layers carry no positional
 encoding (Jamba, Samba).
 """
 
+import math
+
 import torch
 from torch import nn
 from torchtitan.models.llama3.model.model import Attention, Transformer, TransformerBlock
@@ -24,6 +26,7 @@ from titan_linear.ops.efficient_attn import efficient_attention
 from titan_linear.models.maps import check_maps
 
 from .args import HybridModelArgs
+from .linear_options import ConvState, HeadRMSNorm, local, ShortConv
 
 
 def component_of(name: str) -> str:
@@ -56,21 +59,77 @@ class EfficientAttentionCore(nn.Module):
 class LinearAttention(Attention):
     """Causal efficient attention with llama3's projections (no RoPE, see module docstring).
 
+    The options of the layer (`linear_attn_temperature`, `_learned_temperature`, `_output_norm`,
+    `_output_gate`, `_short_conv`; linear_options.py, docs/attention.md) wrap the op: `project`
+    makes the op's q, k, v from the block input, `mix_output` treats its output before `wo`.
+    Decoding (titan_linear/inference/decode.py) calls the same two methods, so it cannot drift
+    from the parallel forward. With every option off neither adds a parameter or an op.
+
     Args:
-        model_args: the hybrid model's arguments (heads, kv heads, dim).
+        model_args: the hybrid model's arguments (heads, kv heads, dim, options).
     """
 
     def __init__(self, model_args: HybridModelArgs):
         super().__init__(model_args)
         self.inner_attention = EfficientAttentionCore()
+        hd = self.head_dim
+        self.feature_scale = 1.0 / model_args.linear_attn_temperature
+        self.learned_temperature = model_args.linear_attn_learned_temperature
+        if self.learned_temperature:
+            # log of the scale 1 / temperature: positive whatever the optimizer does
+            self.q_log_scale = nn.Parameter(torch.empty(self.n_heads))
+            self.k_log_scale = nn.Parameter(torch.empty(self.n_kv_heads))
+        k = model_args.linear_attn_short_conv
+        self.short_conv = ShortConv((self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd), k) if k else None
+        self.out_norm = HeadRMSNorm(self.n_heads, hd, model_args.norm_eps) if model_args.linear_attn_output_norm else None
+        self.wg = nn.Linear(model_args.dim, self.n_heads * hd, bias=False) if model_args.linear_attn_output_gate else None
+
+    def init_weights(self, init_std: float):
+        super().init_weights(init_std)
+        if self.learned_temperature:
+            nn.init.constant_(self.q_log_scale, math.log(self.feature_scale))
+            nn.init.constant_(self.k_log_scale, math.log(self.feature_scale))
+        if self.short_conv is not None:
+            self.short_conv.init_weights(0.02)
+        if self.out_norm is not None:
+            self.out_norm.init_weights()
+        if self.wg is not None:
+            nn.init.trunc_normal_(self.wg.weight, mean=0.0, std=0.02)
+
+    def project(self, x: torch.Tensor, conv_state: ConvState | None = None):
+        """q, k, v as the op takes them, (bs, heads, seqlen, head_dim), from the block input x
+        (bs, seqlen, dim), after the short convolution and the feature scale; and the
+        convolution's state after x (None without it). conv_state: that state before x."""
+        bs, seqlen, _ = x.shape
+        xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+        new_state = None
+        if self.short_conv is not None:
+            (xq, xk, xv), new_state = self.short_conv(xq, xk, xv, conv_state)
+        # -1 heads: tensor parallel may have sharded the projections (local heads).
+        xq = xq.view(bs, seqlen, -1, self.head_dim).transpose(1, 2)
+        xk = xk.view(bs, seqlen, -1, self.head_dim).transpose(1, 2)
+        xv = xv.view(bs, seqlen, -1, self.head_dim).transpose(1, 2)
+        if self.learned_temperature:
+            xq = xq * torch.exp(local(self.q_log_scale)).to(xq.dtype)[:, None, None]
+            xk = xk * torch.exp(local(self.k_log_scale)).to(xk.dtype)[:, None, None]
+        elif self.feature_scale != 1.0:
+            xq, xk = xq * self.feature_scale, xk * self.feature_scale
+        return xq, xk, xv, new_state
+
+    def mix_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The op's output (bs, heads, seqlen, head_dim) after the output norm and gate (same shape)."""
+        if self.out_norm is not None:
+            out = self.out_norm(out)
+        if self.wg is not None:
+            bs, seqlen, _ = x.shape
+            gate = self.wg(x).view(bs, seqlen, -1, self.head_dim).transpose(1, 2)
+            out = out * torch.sigmoid(gate)
+        return out
 
     def forward(self, x, freqs_cis, attention_masks, positions=None):
         bs, seqlen, _ = x.shape
-        # -1 heads: tensor parallel may have sharded the projections (local heads).
-        xq = self.wq(x).view(bs, seqlen, -1, self.head_dim).transpose(1, 2)
-        xk = self.wk(x).view(bs, seqlen, -1, self.head_dim).transpose(1, 2)
-        xv = self.wv(x).view(bs, seqlen, -1, self.head_dim).transpose(1, 2)
-        out = self.inner_attention(xq, xk, xv)  # (bs, n_local_heads, seqlen, head_dim)
+        xq, xk, xv, _ = self.project(x)
+        out = self.mix_output(self.inner_attention(xq, xk, xv), x)  # (bs, n_local_heads, seqlen, head_dim)
         out = out.transpose(1, 2).contiguous().view(bs, seqlen, -1)
         return self.wo(out)
 

@@ -7,18 +7,54 @@ earlier, in `HybridModelArgs.update_from_config` (args.py), which TorchTitan's
 Trainer and `launch check` run before this hook. Added here: on a CPU-only
 machine, FSDP reduce-scatters use a plain sum: gloo has no PREMUL_SUM, and
 torchtitan already sets the divide factor to 1, so the maths is the same.
+
+Tensor parallel of the linear layers' options (`shard_linear_options`, applied before
+llama3's plan): W_g (output gate) is colwise like wq, so each rank gates its own heads; the
+per-head parameters (learned temperatures, the output norm's weight, the short convolution's
+kernels; linear_options.HEAD_SHARDED) are DTensors sharded along dim 0, whose rows are heads or
+head-major channels, i.e. split exactly as wq/wk/wv split the heads. Sharding them, rather than
+replicating them, keeps each rank's gradient its own (a replicated weight used by different
+heads on each rank would need its gradient summed over the TP group). FSDP then shards them
+further like any parameter; DCP saves them as the DTensors they are.
 """
 
 import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import distribute_tensor, DTensor, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.models.llama3.infra.parallelize import parallelize_llama
 
 from titan_linear.infra.device import is_cpu_run
 
+from .linear_options import HEAD_SHARDED
+from .model import LinearAttention
+
+
+def shard_linear_options(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Shard the options' weights of every linear layer with its heads (module docstring)."""
+    for block in model.layers.values():
+        attn = block.attention
+        if not isinstance(attn, LinearAttention):
+            continue
+        if attn.wg is not None:
+            parallelize_module(attn, tp_mesh, {"wg": ColwiseParallel()})
+        for name in HEAD_SHARDED:
+            owner_name, _, pname = name.rpartition(".")
+            owner = getattr(attn, owner_name, None) if owner_name else attn
+            param = getattr(owner, pname, None) if owner is not None else None
+            if param is None or isinstance(param, DTensor):
+                continue
+            # Every rank holds the same full tensor (same seed, or meta): keep the own shard, no traffic.
+            shard = distribute_tensor(param.data, tp_mesh, [Shard(0)], src_data_rank=None)
+            owner.register_parameter(pname, nn.Parameter(shard, requires_grad=param.requires_grad))
+
 
 def parallelize_hybrid(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
+    if parallel_dims.tp_enabled:
+        shard_linear_options(model, parallel_dims.get_mesh("tp"))
     model = parallelize_llama(model, parallel_dims, job_config)
     if is_cpu_run():
         for module in model.modules():
