@@ -64,3 +64,16 @@ def test_conv_state_is_fixed_size_and_generation_runs():
     assert all(caches.nbytes()[n] == before[n] for n in ("0", "2"))
     out = generate(model, [1, 2, 3], 5)
     assert len(out.tokens) == 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_decoder_with_all_options_matches_eager_on_gpu():
+    from titan_linear.inference.graph_decode import GraphDecoder
+
+    model = _model(OPTIONS["all"]).cuda()
+    tokens = torch.randint(0, 256, (2, 20), device="cuda")
+    _, eager = prefill(model, tokens[:, :7], max_len=24)
+    _, graph = prefill(model, tokens[:, :7], max_len=24)
+    step = GraphDecoder(model, graph)
+    for t in range(7, 20):
+        torch.testing.assert_close(step(tokens[:, t]), decode_step(model, tokens[:, t], eager), rtol=1e-4, atol=1e-4)

@@ -147,6 +147,24 @@ def test_compiled_block_matches_eager():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_activation_checkpointing_gives_the_same_gradients():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = _model(**OPTIONS["all"])
+    block = model.layers["0"]
+    x = torch.randn(1, 16, 64, requires_grad=True)
+
+    def grads(module):
+        model.zero_grad()
+        x.grad = None
+        module(x, model.freqs_cis, None).square().sum().backward()
+        return [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+
+    plain = grads(block)
+    for a, b in zip(grads(checkpoint_wrapper(block, preserve_rng_state=False)), plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def _config(toml, *overrides):
     return ConfigManager().parse_args(["--job.config_file", toml, *overrides])
 
@@ -206,3 +224,21 @@ def test_oelm_refuses_the_options(key, value):
                                           r"\(it applies to llama3_mixed only\)$"):
         args.update_from_config(cfg)
     args.update_from_config(_config(OELM_TOML))  # the defaults are accepted
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_all_options_on_the_triton_path_compiled_bf16():
+    from titan_linear.ops.efficient_attn import impl_name
+
+    assert impl_name("cuda", torch.bfloat16, 16) == "triton"
+    model = build(tiny_args(**OPTIONS["all"], max_seq_len=512), seed=0).cuda()
+    tokens = torch.randint(0, 256, (2, 512), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = model(tokens).float()
+        compiled = torch.compile(model)(tokens).float()
+    reference = model(tokens)  # fp32
+    assert torch.isfinite(compiled).all()
+    for got in (eager, compiled):
+        assert (got - reference).norm() / reference.norm() < 2e-2
+    F.cross_entropy(compiled.flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
