@@ -159,6 +159,8 @@ class HybridModelArgs(TransformerModelArgs):
         Softmax layer: 6 * n_heads * (2 * head_dim) * seq_len, torchtitan's convention.
         Linear layer (recurrent form, per head and token): state update 2*dk*dv and
         read-out 2*dk*dv multiply-adds in the forward, x3 for forward + backward.
+        The linear layers' options (W_g, the short convolution's kernels, norm weights,
+        temperatures) are weights used once per token, so the dense term counts them.
         """
         nparams = sum(p.numel() for p in model.parameters())
         nparams_emb = sum(
