@@ -8,9 +8,10 @@
 #
 # Environment (defaults in brackets): RATIOS [0 0.5 1], SEEDS [0 1], SEQ_LENS [512 2048 8192]
 # (1x, 4x, 16x the training length), PASSKEY_LENGTHS [512 1024 2048 4096 8192 16384 32768],
-# PASSKEY_DEPTHS [0 0.25 0.5 0.75 1], PASSKEY_TRIALS [10], PYTHON [python3], PLOT [1: write PNGs],
+# PASSKEY_DEPTHS [0 0.25 0.5 0.75 1], PASSKEY_TRIALS [10], HARNESS_LIMIT [none: every document of
+# the shipped lm-eval tasks; the harness runs where lm-eval is installed], PYTHON [python3], PLOT [1: write PNGs],
 # CONFIG [train_configs/shakespeare_8x384.toml: the base TOML; its linear_attn_ratio line is replaced].
-# Evaluations run on seed 0's checkpoints except perplexity, which runs on every seed (its
+# Evaluations run on seed 0's checkpoints (passkey, attention maps, lm-eval harness) except perplexity, which runs on every seed (its
 # spread between seeds is what a difference between ratios is judged against).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,6 +80,12 @@ for r in "${RATIOS[@]}"; do
         "$PYTHON" -m titan_linear.eval.attention_maps "${common[@]}" \
           --text-file titan_linear/assets/eval/attention_text.txt --max-tokens 128 \
           --out "$e/attention_maps.json" $(plot "$e/attention_maps.png")
+        if "$PYTHON" -c 'import lm_eval' 2>/dev/null; then
+          "$PYTHON" -m titan_linear.eval.harness "${common[@]}" --tasks titan_linear_shakespeare \
+            --batch-size 32 ${HARNESS_LIMIT:+--limit "$HARNESS_LIMIT"} --out "$e/harness.json"
+        else
+          echo "eval_ratios.sh: lm-eval is not installed here: no harness.json (pip install '.[eval]')"
+        fi
       fi
     ) > "$OUT/ratio$r-seed$s/eval.log" 2>&1 &
     pids+=($!)
