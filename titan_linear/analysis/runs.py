@@ -227,6 +227,11 @@ def _number(v) -> bool:
     return is_number(v) and math.isfinite(v)
 
 
+def _id_text(value) -> str:
+    """An id as a column name holds it: 0.5, 1024, SLSL."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def flatten_eval(doc, stem: str) -> dict:
     """One evaluation JSON as {"eval.<stem>.<metric>@<ids>": number} (see the module docstring)."""
     tool = str(doc.get("tool", stem)).rsplit(".", 1)[-1] if isinstance(doc, dict) else stem
@@ -236,24 +241,19 @@ def flatten_eval(doc, stem: str) -> dict:
         results = [{"layer": rec.get("layer"), **rec.get("mean", {})} for rec in doc["layers"] if isinstance(rec, dict)]
     out = {}
     if isinstance(results, list):
+        by = EVAL_MEANS.get(tool)
+        means: dict[str, list] = {}
         for rec in results:
             if not isinstance(rec, dict):
                 continue
             ids = [rec[k] for k in EVAL_IDS if k in rec]
-            suffix = "@" + ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in ids) if ids else ""
+            suffix = "@" + ",".join(_id_text(v) for v in ids) if ids else ""
             for field in EVAL_FIELDS.get(tool, rec.keys()):
                 if field not in EVAL_IDS and _number(rec.get(field)):
                     out[f"eval.{stem}.{field}{suffix}"] = rec[field]
-        by = EVAL_MEANS.get(tool)
-        if by:
-            sums: dict[str, list] = {}
-            for rec in results:
-                if isinstance(rec, dict) and by in rec:
-                    for field in EVAL_FIELDS[tool]:
-                        if _number(rec.get(field)):
-                            key = f"eval.{stem}.{field}@{rec[by]:g}" if isinstance(rec[by], float) else f"eval.{stem}.{field}@{rec[by]}"
-                            sums.setdefault(key, []).append(rec[field])
-            out.update({k: sum(v) / len(v) for k, v in sums.items() if k not in out})
+                    if by is not None and by in rec:
+                        means.setdefault(f"eval.{stem}.{field}@{_id_text(rec[by])}", []).append(rec[field])
+        out.update({k: sum(v) / len(v) for k, v in means.items() if k not in out})
     elif isinstance(results, dict):
         def walk(prefix, node):
             for k, v in node.items():
