@@ -8,20 +8,30 @@
         [--device cpu|cuda] [--dtype bf16|fp32] [--compile] [--parallel 1] [--seed 0] [--seeds 0 1 2] [--resume]
 
 For every layer map (one per `--ratios` value, placed as training places it, uniform; plus
-every explicit `--layer-maps` string, S = softmax, L = linear, one letter per layer) and every
-`--kv-pairs` count, it trains a fresh model of the project's own classes (HybridModelArgs /
-HybridTransformer, built on meta and materialised with `init_weights`, vocab = the MQAR vocab)
-once per learning rate of `--lrs` (and per seed of `--seeds`, which sets the initial weights and
-the batch order; the data stay those of `--seed`), from the same initial weights: AdamW (weight decay 0.1),
-cosine decay to 0 over `--epochs`, test accuracy after every epoch, early stop once it reaches
-`--early-stop`. The result of (layer map, kv) is the best learning rate's best test accuracy, with
+every explicit `--layer-maps` string, S = softmax, L = linear, one letter per layer) it trains
+fresh models of the project's own classes (HybridModelArgs / HybridTransformer, built on meta and
+materialised with `init_weights`, vocab = the MQAR vocab), once per learning rate of `--lrs`
+(and per seed of `--seeds`, which sets the initial weights and the batch order; the data stay
+those of `--seed`), from the same initial weights: AdamW (weight decay 0.1), cosine decay to 0
+over `--epochs`, test accuracy after every epoch, early stop once it reaches `--early-stop`.
+
+What a model trains on (`--train-on`):
+- `mix` (default, Zoology's way): one model per (layer map, lr, seed) on a mixture of every
+  `--kv-pairs` count (`--train-examples` split equally), scored on a test set per count. The
+  small counts teach the lookup the large ones need: trained on 64 pairs at T = 256 alone, even
+  softmax learned nothing here (benchmarks/results/eval/README.md).
+- `each`: one model per kv count, trained on that count alone.
+The score of a run is the mean over kv counts of the test accuracy (each count weighs the
+same); early stop and the choice of lr read it, and a run's accuracy per kv count is taken at
+its best epoch. The result of (layer map, kv) is that accuracy at the best learning rate, with
 several seeds its mean over seeds (the best lr has the best mean), with the range and std.
 The data follow Zoology's recipe (titan_linear/eval/mqar_data.py).
 
 Default grid: ratios 0, 0.25, 0.5, 0.75, 1 of 4 layers (SSSS, SSLS, SLSL, LLSL, LLLL, as
-`place_layers` places them) x kv 4, 8, 16, 32, 64 at T = 256, V = 8192, dim 128, 2 heads, learning
-rates 1e-3, 3e-3, 1e-2 (Zoology sweeps 1e-4 ... 1e-2 or 1e-3 ... 3e-2; 1e-4 and 3e-4 learned
-nothing here), 100k train / 3k test examples, at most 16 epochs of batch 256: 75 training runs.
+`place_layers` places them), each trained on the mix of kv 4, 8, 16, 32, 64 at T = 256,
+V = 8192, dim 128, 2 heads, learning rates 1e-3, 3e-3, 1e-2 (Zoology sweeps 1e-4 ... 1e-2 or
+1e-3 ... 3e-2; 1e-4 and 3e-4 learned nothing here), 100k train examples (20k per count) and 1k
+test examples per count, at most 16 epochs of batch 256: 15 training runs.
 
 Differences from Zoology: 4 layers by default (Zoology: 2; `--n-layers 2` gives theirs); the
 blocks are llama3's, with RMSNorm and RoPE on the softmax layers; `--ffn-hidden 0` (default)
@@ -93,8 +103,12 @@ def _parser() -> Parser:
     # 1e-4 and 3e-4 learned nothing in 16 epochs for any layer map on an H200 (kv 4, 8 runs), and
     # 3e-3 won most groups: the default sweep starts at 1e-3 and goes one step beyond 3e-3.
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
-    p.add_argument("--train-examples", type=int, default=100_000)
-    p.add_argument("--test-examples", type=int, default=3_000)
+    p.add_argument("--train-on", default="mix", choices=["mix", "each"],
+                   help="mix (default, Zoology's): one model per layer map and lr trained on every --kv-pairs "
+                        "count at once, scored on each; each: one model per kv count")
+    p.add_argument("--train-examples", type=int, default=100_000,
+                   help="training examples (with --train-on mix, split equally over the kv counts)")
+    p.add_argument("--test-examples", type=int, default=1_000, help="test examples per kv count")
     p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--early-stop", type=float, default=0.99, help="stop a run once test accuracy reaches this")
@@ -155,6 +169,9 @@ def check_args(args):
         value = getattr(args, flag.replace("-", "_"))
         if value < 1:
             raise _bad(flag, value, "an integer >= 1")
+    if args.train_on == "mix" and args.train_examples < len(args.kv_pairs):
+        raise _bad("train-examples", args.train_examples,
+                   f"at least one per kv count ({len(args.kv_pairs)}) with --train-on mix")
     if args.ffn_hidden < 0:
         raise _bad("ffn-hidden", args.ffn_hidden, "an integer >= 0")
     if args.dim % args.heads or (args.dim // args.heads) % 2:
@@ -225,11 +242,16 @@ def _query_logits(model, head, tokens, positions):
 
 
 def _loss_and_hits(model, head, tokens, positions, targets):
+    """Cross-entropy and correct answers over the queried positions; a row with fewer pairs than
+    the batch's widest pads its positions with 0 and its targets with IGNORE (-100), which both
+    leave out."""
     import torch.nn.functional as F
 
+    from titan_linear.eval.mqar_data import IGNORE
+
     logits = _query_logits(model, head, tokens, positions).float()
-    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    hits = (logits.argmax(-1) == targets).sum()
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    hits = ((logits.argmax(-1) == targets) & (targets != IGNORE)).sum()
     return loss, hits
 
 
@@ -237,7 +259,7 @@ def train_one(layer_map: str, lr: float, data, args, device, dtype, step_fn, see
     """Train one model at one learning rate from `seed` (default --seed); its curve and results."""
     import torch
 
-    (x_train, q_train, y_train), (x_test, q_test, y_test) = data
+    (x_train, q_train, y_train), tests = data
     seed = args.seed if seed is None else seed
     model, head = build_model(layer_map, args, device, seed)
     params = list(model.parameters()) + list(head.parameters())
@@ -267,9 +289,13 @@ def train_one(layer_map: str, lr: float, data, args, device, dtype, step_fn, see
             loss_sum += loss.detach()
             step += 1
         train_loss = (loss_sum / per_epoch).item()
-        acc = evaluate(model, head, (x_test, q_test, y_test), args.batch_size, autocast, step_fn)
-        curve.append({"epoch": epoch, "step": step, "train_loss": train_loss, "test_accuracy": acc})
-        best = max(best, acc)
+        by_kv = {str(kv): evaluate(model, head, test, args.batch_size, autocast, step_fn) for kv, test in tests.items()}
+        # Every kv count weighs the same in the score that early stop and the lr choice read.
+        acc = sum(by_kv.values()) / len(by_kv)
+        curve.append({"epoch": epoch, "step": step, "train_loss": train_loss, "test_accuracy": acc,
+                      "test_accuracy_by_kv": by_kv})
+        if acc > best or epoch == 1:
+            best, best_by_kv = acc, by_kv
         if not math.isfinite(train_loss):
             diverged = True
             break
@@ -277,7 +303,9 @@ def train_one(layer_map: str, lr: float, data, args, device, dtype, step_fn, see
             stopped = True
             break
     return {
-        "lr": lr, "seed": seed, "accuracy": best, "final_accuracy": curve[-1]["test_accuracy"], "steps": step,
+        "lr": lr, "seed": seed, "accuracy": best, "accuracy_by_kv": best_by_kv,
+        "final_accuracy": curve[-1]["test_accuracy"], "final_accuracy_by_kv": curve[-1]["test_accuracy_by_kv"],
+        "steps": step,
         "epochs": len(curve), "early_stopped": stopped, "diverged": diverged,
         "seconds": round(time.perf_counter() - t0, 2), "curve": curve,
     }
@@ -287,27 +315,49 @@ def evaluate(model, head, test, batch_size, autocast, step_fn) -> float:
     """Accuracy over the queried positions of the test set."""
     import torch
 
+    from titan_linear.eval.mqar_data import IGNORE
+
     x, q, y = test
     model.eval()
     hits = torch.zeros((), dtype=torch.long, device=x.device)
     with torch.no_grad(), autocast:
         for i in range(0, x.shape[0], batch_size):
             hits += step_fn(model, head, x[i:i + batch_size], q[i:i + batch_size], y[i:i + batch_size])[1]
-    return hits.item() / y.numel()
+    return hits.item() / (y != IGNORE).sum().item()
 
 
-def load_data(kv: int, args, device):
-    """((inputs, query positions, targets) train, same test) on `device` for `kv` pairs."""
+def _split(kv: int, width: int, n: int, split: str, args):
+    """(inputs, query positions, targets) of `n` examples with `kv` pairs, the queries padded to
+    `width` columns (position 0, target IGNORE): one fixed shape for the compiled step."""
+    import torch
+
     from titan_linear.eval.mqar_data import IGNORE, make_mqar, MQARSpec
 
     spec = MQARSpec(args.seq_len, kv, args.vocab, args.gap_power, not args.zero_filler)
-    out = []
-    for split, n in (("train", args.train_examples), ("test", args.test_examples)):
-        x, y = make_mqar(spec, n, args.seed, split)
-        # Exactly kv labelled positions per row: a fixed shape for the compiled step.
-        q = (y != IGNORE).int().topk(kv, dim=1).indices.sort(dim=1).values
-        out.append((x.to(device), q.to(device), y.gather(1, q).to(device)))
-    return tuple(out)
+    x, y = make_mqar(spec, n, args.seed, split)
+    q = (y != IGNORE).int().topk(kv, dim=1).indices.sort(dim=1).values
+    t = y.gather(1, q)
+    pad = width - kv
+    q = torch.cat([q, q.new_zeros(n, pad)], dim=1)
+    t = torch.cat([t, t.new_full((n, pad), IGNORE)], dim=1)
+    return x, q, t
+
+
+def load_data(kv, args, device):
+    """(train (inputs, query positions, targets), {kv: test}) on `device`.
+
+    `kv` is a pair count, or "mix": the training set then holds `--train-examples` split equally
+    over every `--kv-pairs` count (Zoology trains one model on such a mixture: the small counts
+    teach the lookup that the large ones need), and there is one test set per count.
+    """
+    import torch
+
+    counts = list(args.kv_pairs) if kv == "mix" else [kv]
+    width = max(counts)
+    parts = [_split(c, width, args.train_examples // len(counts), "train", args) for c in counts]
+    train = tuple(torch.cat([p[i] for p in parts]).to(device) for i in range(3))
+    tests = {c: tuple(t.to(device) for t in _split(c, width, args.test_examples, "test", args)) for c in counts}
+    return train, tests
 
 
 def _step_fn(args, n_graphs: int):
@@ -325,9 +375,14 @@ def _seeds(args) -> list[int]:
     return args.seeds if args.seeds else [args.seed]
 
 
-def _jobs(maps, args) -> list[tuple[int, str, float, int]]:
-    """(kv, layer map, lr, seed) per training run, in the serial order: kv, map, lr, then seed."""
-    return [(kv, m, lr, s) for kv in args.kv_pairs for _, m in maps for lr in args.lrs for s in _seeds(args)]
+def _kv_keys(args) -> list:
+    """The data of each training run: "mix" (every kv count at once) or one kv count per run."""
+    return ["mix"] if args.train_on == "mix" else list(args.kv_pairs)
+
+
+def _jobs(maps, args) -> list[tuple[int | str, str, float, int]]:
+    """(kv or "mix", layer map, lr, seed) per training run, in the serial order: kv, map, lr, then seed."""
+    return [(kv, m, lr, s) for kv in _kv_keys(args) for _, m in maps for lr in args.lrs for s in _seeds(args)]
 
 
 def _job_name(job) -> str:
@@ -466,7 +521,7 @@ def run_grid(maps, args, device, dtype, log=print, journal: Journal | None = Non
     (layer map, kv), in the same order either way. Jobs in `journal` are not run again and every
     finished job is added to it. Raises JobFailed naming a job that raised."""
     jobs = _jobs(maps, args)
-    n_graphs = len(maps) * len(args.kv_pairs)
+    n_graphs = len(maps) * len(_kv_keys(args))
     labels = {m: label for label, m in maps}
     n_seeds = len(_seeds(args))
     size = len(args.lrs) * n_seeds  # one (layer map, kv) group: its lrs x seeds are consecutive jobs
@@ -479,23 +534,32 @@ def run_grid(maps, args, device, dtype, log=print, journal: Journal | None = Non
         group = runs[g * size:(g + 1) * size]
         if any(r is None for r in group):
             return
-        kv, layer_map, _, _ = jobs[g * size]
+        kv_key, layer_map, _, _ = jobs[g * size]
         by_lr = [group[j:j + n_seeds] for j in range(0, size, n_seeds)]
         mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
-        # The best lr has the best mean accuracy over seeds (fewer steps breaks a tie, as one seed's
-        # early stop does): a lucky seed of another lr does not pick it.
+        # The best lr has the best mean accuracy over seeds (and, trained on the mix, over kv
+        # counts; fewer steps breaks a tie, as one seed's early stop does): a lucky seed of
+        # another lr does not pick it.
         best = max(by_lr, key=lambda rs: (mean(rs, "accuracy"), -mean(rs, "steps")))
-        accs = [r["accuracy"] for r in best]
-        std = (sum((a - mean(best, "accuracy")) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if len(accs) > 1 else 0.0
-        results[g] = {
-            "label": labels[layer_map], "layer_map": layer_map, "kv_pairs": kv, "accuracy": mean(best, "accuracy"),
-            "best_lr": best[0]["lr"], "steps": round(mean(best, "steps")),
-            "accuracy_per_seed": accs, "accuracy_min": min(accs), "accuracy_max": max(accs), "accuracy_std": std,
-            "per_lr_final_accuracy": {f"{rs[0]['lr']:g}": mean(rs, "final_accuracy") for rs in by_lr}, "runs": group,
-        }
-        spread = f" [{min(accs):.4f}-{max(accs):.4f} over {len(accs)} seeds]" if len(accs) > 1 else ""
-        log(f"{layer_map} kv {kv}: accuracy {mean(best, 'accuracy'):.4f}{spread} at lr {best[0]['lr']:g} "
-            f"({round(mean(best, 'steps'))} steps; {sum(r['seconds'] for r in group):.1f} s for {len(group)} runs)")
+        rows = []
+        for kv in (args.kv_pairs if kv_key == "mix" else [kv_key]):
+            accs = [r["accuracy_by_kv"][str(kv)] for r in best]
+            acc = sum(accs) / len(accs)
+            std = (sum((a - acc) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if len(accs) > 1 else 0.0
+            rows.append({
+                "label": labels[layer_map], "layer_map": layer_map, "kv_pairs": kv, "accuracy": acc,
+                "best_lr": best[0]["lr"], "steps": round(mean(best, "steps")),
+                "accuracy_per_seed": accs, "accuracy_min": min(accs), "accuracy_max": max(accs),
+                "accuracy_std": std,
+                "per_lr_final_accuracy": {f"{rs[0]['lr']:g}": sum(r["final_accuracy_by_kv"][str(kv)] for r in rs)
+                                          / len(rs) for rs in by_lr},
+                "runs": group,
+            })
+            spread = f" [{min(accs):.4f}-{max(accs):.4f} over {len(accs)} seeds]" if len(accs) > 1 else ""
+            log(f"{layer_map} kv {kv}: accuracy {acc:.4f}{spread} at lr {best[0]['lr']:g} "
+                f"({round(mean(best, 'steps'))} steps; {sum(r['seconds'] for r in group):.1f} s for {len(group)} runs"
+                f"{', trained on the mix' if kv_key == 'mix' else ''})")
+        results[g] = rows
 
     def finished(i: int, run: dict) -> None:
         if journal is not None:
@@ -523,7 +587,10 @@ def run_grid(maps, args, device, dtype, log=print, journal: Journal | None = Non
             except Exception as e:  # noqa: BLE001 - reported as one line naming the job
                 raise JobFailed(_failure(job, e)) from e
             finished(i, run)
-    return [results[g] for g in sorted(results)]
+    rows = [row for g in sorted(results) for row in results[g]]
+    # One order whatever the data of a run: kv count, then layer map.
+    order = {m: i for i, (_, m) in enumerate(maps)}
+    return sorted(rows, key=lambda r: (args.kv_pairs.index(r["kv_pairs"]), order[r["layer_map"]]))
 
 
 def plot(results: list[dict], path: str, title: str) -> None:
