@@ -14,6 +14,7 @@ from titan_linear.recipe import train_spec_builders
 from .args import ConfigError, HybridModelArgs
 from .model import LinearAttention, LinearTransformerBlock, HybridTransformer
 from .parallelize import parallelize_hybrid
+from .state_dict_adapter import HybridStateDictAdapter
 
 # The registry name (`model.name`), kept from the first release: configs say "llama3_mixed".
 NAME = "llama3_mixed"
@@ -42,7 +43,9 @@ hybrid_args = {
 }
 
 
-def build_train_spec(model_cls: type, model_args: dict, parallelize_fn: Callable) -> TrainSpec:
+def build_train_spec(
+    model_cls: type, model_args: dict, parallelize_fn: Callable, state_dict_adapter: type | None = None
+) -> TrainSpec:
     """The TrainSpec of a llama3-family model of this package (the hybrid and OELM).
 
     Every model gets the same pipelining (llama3's), data builders and training recipe
@@ -52,6 +55,7 @@ def build_train_spec(model_cls: type, model_args: dict, parallelize_fn: Callable
         model_cls: the model class, built from one of `model_args`.
         model_args: flavor name -> model arguments.
         parallelize_fn: the model's parallelize hook.
+        state_dict_adapter: TorchTitan <-> Hugging Face names (HF import and save); default None.
     """
     return TrainSpec(
         model_cls=model_cls,
@@ -62,15 +66,18 @@ def build_train_spec(model_cls: type, model_args: dict, parallelize_fn: Callable
         build_tokenizer_fn=build_tokenizer,
         build_validator_fn=build_validator,
         build_loss_fn=build_cross_entropy_loss,
+        state_dict_adapter=state_dict_adapter,
         **train_spec_builders(),
     )
 
 
 def get_train_spec() -> TrainSpec:
-    return build_train_spec(HybridTransformer, hybrid_args, parallelize_hybrid)
+    # The HF adapter lets `checkpoint.initial_load_in_hf` start a hybrid from a Llama folder
+    # (docs/hf.md). OELM has none: an import would overwrite its frozen orthogonal weights.
+    return build_train_spec(HybridTransformer, hybrid_args, parallelize_hybrid, HybridStateDictAdapter)
 
 
 __all__ = [
-    "NAME", "ConfigError", "HybridModelArgs", "HybridTransformer", "LinearAttention",
+    "NAME", "ConfigError", "HybridModelArgs", "HybridStateDictAdapter", "HybridTransformer", "LinearAttention",
     "LinearTransformerBlock", "hybrid_args", "build_train_spec", "get_train_spec", "parallelize_hybrid",
 ]
