@@ -71,6 +71,27 @@ def test_export_logits_match_torchtitan_model(tmp_path, config, overrides):
         assert cfg["titan_linear"]["oelm"]["frozen_projections"] == ["q_proj", "k_proj"]
     if "--model.linear_attn_short_conv" in overrides:
         assert cfg["linear_attn_short_conv"] == 4 and cfg["linear_attn_output_gate"] is True
+        _check_self_contained(out, tmp_path, hf(_tokens()).logits)
+
+
+def _check_self_contained(out, tmp_path, want):
+    """The folder loads and computes the same logits in a process where titan_linear cannot be
+    imported (its code files are all it needs)."""
+    import subprocess
+    import sys
+
+    torch.save({"tokens": _tokens(), "want": want.detach()}, tmp_path / "io.pt")
+    script = (
+        "import sys, torch; sys.modules['titan_linear'] = None\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        f"m = AutoModelForCausalLM.from_pretrained({out!r}, trust_remote_code=True, dtype=torch.float32)\n"
+        "with torch.no_grad(): torch.testing.assert_close(m(io['tokens']).logits, io['want'], atol=1e-6, rtol=0)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
 
 
 def test_export_ratio0_is_a_plain_llama(tmp_path):

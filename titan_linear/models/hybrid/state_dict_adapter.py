@@ -93,6 +93,7 @@ class HybridStateDictAdapter(Llama3StateDictAdapter):
         super().__init__(model_args, hf_assets_path)
         self.maps = set(model_args.checkpoint_maps()) if hasattr(model_args, "checkpoint_maps") else set()
         self._requested: dict[str, Any] | None = None
+        self._tied = False  # set by check_folder: the folder ties lm_head to the embeddings
 
     @staticmethod
     def _option(key: str) -> tuple[str, str] | None:
@@ -132,7 +133,7 @@ class HybridStateDictAdapter(Llama3StateDictAdapter):
             else:
                 core[key] = value
         state.update(super().from_hf(core))
-        if "output.weight" not in state and getattr(self, "_tied", False) and "tok_embeddings.weight" in state:
+        if "output.weight" not in state and self._tied and "tok_embeddings.weight" in state:
             state["output.weight"] = state["tok_embeddings.weight"]
         return state
 
