@@ -151,3 +151,26 @@ def test_linearize_through_the_torchtitan_trainer(tmp_path):
     assert "layer map SLSL" in proc.stdout
     losses = [loss for _, (loss, _) in sorted(losses_of(proc.stdout).items())]
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.3, losses
+
+
+# config.json of Llama 3.2 1B as published (transformers 4.x layout: rope_theta beside rope_scaling).
+LLAMA_3_2_1B = {
+    "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "tie_word_embeddings": True,
+}
+
+
+def test_llama_3_2_flavor_accepts_its_config_and_1b_flavor_refuses_it(tmp_path):
+    from titan_linear.models.hybrid import hybrid_args, HybridStateDictAdapter
+    from titan_linear.models.hybrid.state_dict_adapter import ffn_hidden_dim
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_2_1B))
+    args = hybrid_args["llama3.2-1B"]
+    assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.vocab_size, ffn_hidden_dim(args)) == (
+        2048, 16, 32, 8, 128256, 8192)
+    HybridStateDictAdapter(args, str(tmp_path))._check_config(str(tmp_path), "here")
+    with pytest.raises(ValueError, match="rope factor = 32.0 and this model 8.0"):
+        HybridStateDictAdapter(hybrid_args["1B"], str(tmp_path))._check_config(str(tmp_path), "here")

@@ -6,6 +6,7 @@ from typing import Callable
 from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.models.llama3 import llama3_args
+from torchtitan.models.llama3.model.args import RoPEScalingArgs
 from torchtitan.protocols.train_spec import TrainSpec
 
 from titan_linear.data import build_dataloader, build_tokenizer, build_validator
@@ -37,6 +38,18 @@ hybrid_args = {
     "3B": HybridModelArgs(
         dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim_multiplier=1.0,
         multiple_of=256, rope_theta=500000, vocab_size=128256,
+    ),
+    # Llama 3.2 as published (RoPE scaling factor 32, not TorchTitan's default 8): the flavors
+    # to start a hybrid from those Hugging Face weights (docs/hf.md, "Import / linearize").
+    "llama3.2-1B": HybridModelArgs(
+        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5,
+        multiple_of=256, rope_theta=500000, vocab_size=128256,
+        rope_scaling_args=RoPEScalingArgs(scaling_factor=32.0),
+    ),
+    "llama3.2-3B": HybridModelArgs(
+        dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim_multiplier=1.0,
+        multiple_of=256, rope_theta=500000, vocab_size=128256,
+        rope_scaling_args=RoPEScalingArgs(scaling_factor=32.0),
     ),
     "8B": _from_llama3("8B"),
     "70B": _from_llama3("70B"),
