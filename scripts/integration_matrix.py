@@ -451,12 +451,13 @@ def run(argv: list[str]) -> int:
     else:
         present = torch.cuda.device_count()
         if present == 0:
-            raise ValueError("--ngpu is not allowed here: no CUDA device is visible (use --dry-cpu on a CPU)")
+            raise ValueError("--ngpu is not allowed here: no CUDA device is visible (on a CPU use --dry-cpu)")
         ngpu = args.ngpu or present
         if ngpu > present:
             raise ValueError(f"--ngpu = {ngpu} is not allowed: at most the {present} GPUs visible here")
     os.makedirs(args.out, exist_ok=True)
-    title = (f"Integration matrix on llama3_mixed ({'CPU, gloo, ' + str(DRY_NGPU) + ' ranks' if dry else f'{ngpu} x ' + torch.cuda.get_device_name()})")
+    hardware = f"CPU, gloo, {DRY_NGPU} ranks" if dry else f"{ngpu} x {torch.cuda.get_device_name()}"
+    title = f"Integration matrix on llama3_mixed ({hardware})"
     results = []
     for c in cases:
         reason = skip_reason(c, ngpu, dry)
