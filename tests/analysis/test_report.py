@@ -137,3 +137,25 @@ def test_cli_bad_reference_is_one_line(sweep, tmp_path, capsys):
     assert err == [f"{report.PROG}: error: --reference-group = 'nope' is not allowed: one of "
                    "r0_uniform, r0.5_front, r0.5_uniform, r1_uniform"]
     assert not (tmp_path / "rep").exists() and not list(tmp_path.glob("rep.tmp*"))
+
+
+def test_at_step_compares_the_validation_loss_at_that_step(sweep, tmp_path):
+    parent, _ = sweep
+    out = tmp_path / "rep"
+    assert report.main([str(parent), "--out-dir", str(out), "--at-step", "4"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    for g in rep["groups"]:
+        key = (g["config"]["model.linear_attn_ratio"], g["config"]["model.linear_attn_placement"])
+        # the fake runs validate at every even step, best + 0.01 per step away from step 10
+        want = np.mean([BEST[key][s] + 0.06 for s in g["seeds"]])
+        assert g["stats"]["loss"]["mean"] == pytest.approx(want, abs=1e-6)
+        assert g["loss_source"] == ["validation at step 4"]
+    assert "Compared at step 4" in (out / "report.md").read_text()
+
+
+def test_at_step_without_validation_there_is_one_line(sweep, tmp_path, capsys):
+    parent, _ = sweep
+    assert report.main([str(parent), "--out-dir", str(tmp_path / "rep"), "--at-step", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--at-step = 3" in err and "2, 4, 6" in err
+    assert not (tmp_path / "rep").exists()

@@ -24,6 +24,10 @@ Spread: std is the sample standard deviation (ddof = 1) over the seeds; with one
 not given. Beyond the seed spread: |mean difference| exceeds both groups' max − min over their
 seeds, which needs at least 2 seeds in each group (else "n/a").
 
+At equal tokens mid-run: `--at-step N` compares the validation loss at step N instead of the best
+one (runs cut before their end, or a look at the curves' early part). Every run must have
+validated at step N; the steps each run did validate at are named otherwise.
+
 Reference: `--reference-group NAME` for every group; by default, for each group, the group at
 model.linear_attn_ratio = 0 whose other settings (all but ratio, placement, explicit layers
 and seed) are the same, so a sweep over sizes compares each size with its own softmax model.
@@ -187,8 +191,9 @@ def markdown(rep: dict, figures: dict, notes: list[str]) -> str:
     groups = rep["groups"]
     lines = ["# Sweep report", "",
              f"{sum(len(g['runs']) for g in groups)} runs in {len(groups)} groups. Each cell: mean ± std "
-             "[min–max] (n runs); std is the sample standard deviation over seeds (ddof 1). `loss` is the "
-             "best validation loss (the final train loss for runs without validation: column `loss is`).", ""]
+             "[min–max] (n runs); std is the sample standard deviation over seeds (ddof 1). `loss` is what "
+             "column `loss is` names: the best validation loss, the final train loss for runs without "
+             "validation, or the validation loss at the step `--at-step` chose.", ""]
     lines += [f"_{n}_" for n in notes] + ([""] if notes else [])
     lines += ["## Groups", "", "| group | seeds | ratio | placement | layer map | n_params | tokens | loss is |",
               "|---|---|---|---|---|---:|---:|---|"]
@@ -249,6 +254,21 @@ def _by_id(key: str) -> tuple:
         return name, 1, 0.0, ident
 
 
+def loss_at_step(runs: list[dict], step: int) -> None:
+    """Set each run's `loss` to its validation loss at `step` (in place); ValueError naming the
+    runs without one."""
+    missing = []
+    for r in runs:
+        val = dict((int(s), v) for s, v in r["curves"]["val"])
+        if step not in val:
+            missing.append(f"{r['name']} ({', '.join(map(str, sorted(val))) or 'none'})")
+            continue
+        r.update(loss=val[step], loss_source=f"validation at step {step}")
+    if missing:
+        raise ValueError(f"--at-step = {step} is not allowed: these runs did not validate at step {step} "
+                         f"(their validation steps): {'; '.join(missing)}")
+
+
 def build_report(runs: list[dict], reference: str | None = None) -> dict:
     """Groups, comparisons and placement sets of `runs` (what report.json holds, curves aside)."""
     groups = group_runs(runs)
@@ -276,6 +296,8 @@ def _parser() -> Parser:
     p.add_argument("--out-dir", required=True, help="the folder for report.md, report.json and the PNGs")
     p.add_argument("--reference-group", default=None, help="the group every other is compared with "
                    "(default: the ratio-0 group with the same other settings)")
+    p.add_argument("--at-step", type=int, default=None, metavar="N",
+                   help="compare the validation loss at step N (equal tokens) instead of the best one")
     return p
 
 
@@ -283,13 +305,18 @@ def run(argv: list[str]) -> int:
     own, overrides = split_overrides(argv)
     args = _parser().parse_args(own)
     check_reader_flags(args, overrides)
+    if args.at_step is not None and args.at_step < 1:
+        raise ValueError(f"--at-step = {args.at_step} is not allowed: a step >= 1")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise ValueError(f"--out-dir = {args.out_dir!r} is not allowed: it is a file")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         runs = read_runs(args.runs, config=args.config, overrides=overrides, warmup=args.warmup)
-    rep = build_report(runs, args.reference_group)
     notes = []
+    if args.at_step is not None:
+        loss_at_step(runs, args.at_step)
+        notes.append(f"Compared at step {args.at_step} (equal tokens); the tokens column is how far each run got.")
+    rep = build_report(runs, args.reference_group)
     if any(g["config"].get(RATIO) is None for g in rep["groups"]):
         notes.append("Groups without model.linear_attn_ratio (runs without run.json or --config) are left out "
                      "of the ratio figure and the placement comparison.")
