@@ -246,3 +246,10 @@ def test_cli_refuses_missing_file_and_bad_config(tmp_path, capsys):
     assert flops.main(["--config", str(tmp_path / "none.toml")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--config = " in err
+
+
+@pytest.mark.parametrize("e, flagged", [(1e-20, True), (0.0, True), (1.82, False)])
+def test_notes_flag_an_irreducible_loss_at_its_bound(e, flagged):
+    res = {"fit": {"converged": True, "alpha": 0.3, "beta": 0.3, "E": e}, "isoflop": {"groups": []}}
+    said = [n for n in scaling.notes(res, lowest_loss=3.7) if n.startswith("E fell to its lower bound")]
+    assert bool(said) == flagged

@@ -263,13 +263,18 @@ def holdout(runs: list[dict], flops, opts, seed: int) -> dict:
             "rmse": float(np.sqrt(np.mean(errors ** 2))), "max_abs_error": float(np.abs(errors).max())}
 
 
-def notes(res: dict) -> list[str]:
-    """What a reader of one family's fit must not miss."""
+def notes(res: dict, lowest_loss: float) -> list[str]:
+    """What a reader of one family's fit must not miss (lowest_loss: the family's lowest run loss)."""
     out = []
     if not res["fit"]["converged"]:
         out.append(f"L-BFGS-B did not report convergence ({res['fit']['lbfgs_message']}); the fit may be loose")
     if res["fit"]["alpha"] <= 0 or res["fit"]["beta"] <= 0:
         out.append("alpha or beta <= 0: loss does not fall with N or D here; no compute-optimal size")
+    if res["fit"]["E"] < 0.01 * lowest_loss:
+        # Runs far from convergence fit as well with E = 0 and a shallow B/D^beta as with a real floor.
+        out.append(f"E fell to its lower bound ({res['fit']['E']:.2g}): these runs do not identify the irreducible "
+                   "loss, so predictions beyond them have no floor and are not to be trusted; add larger token "
+                   "budgets")
     extrapolated = sum(1 for g in res["isoflop"]["groups"] if g["n_star"] is not None and not g["inside"])
     if extrapolated:
         out.append(f"{extrapolated} IsoFLOP minimum(s) outside their group's N range, left out of N*(C)")
@@ -335,7 +340,7 @@ def analyse(runs: list[dict], opts) -> dict:
         res["isoflop"] = isoflop(n, d, loss, cm["flops"], cm["k"], opts.isoflop_tol)
         if opts.holdout_largest:
             res["holdout"] = holdout(rs, cm["flops"], opts, seed)
-        res["notes"] = notes(res)
+        res["notes"] = notes(res, float(loss.min()))
         res["runs"] = [{**{c: r[c] for c in REQUIRED}, "flops": float(c), "fitted_loss": float(fit.law.loss(r["n_params"], r["tokens"]))}
                        for r, c in zip(rs, cm["flops"])]
         results[f] = res
