@@ -8,6 +8,13 @@ Trainer and `launch check` run before this hook. Added here: on a CPU-only
 machine, FSDP reduce-scatters use a plain sum: gloo has no PREMUL_SUM, and
 torchtitan already sets the divide factor to 1, so the maths is the same.
 
+DDP sums gradients over replicas here (a comm hook), as FSDP does. TorchTitan 0.2.2 divides
+each step's loss by the global number of tokens and so turns FSDP's gradient division off
+(`set_gradient_divide_factor(1.0)`), but its `apply_ddp` keeps DDP's default hook, which
+divides by the number of replicas: gradients (and the clipped norm) came out 1/dp of FSDP's,
+and a checkpoint saved under FSDP continued differently under DDP (the integration matrix's
+`ckpt_fsdp2_to_ddp2`).
+
 Tensor parallel of the linear layers' options (`shard_linear_options`, applied before
 llama3's plan): W_g (output gate) is colwise like wq, so each rank gates its own heads; the
 per-head parameters (learned temperatures, the output norm's weight, the short convolution's
@@ -18,6 +25,7 @@ heads on each rank would need its gradient summed over the TP group). FSDP then 
 further like any parameter; DCP saves them as the DTensors they are.
 """
 
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
@@ -52,10 +60,19 @@ def shard_linear_options(model: nn.Module, tp_mesh: DeviceMesh) -> None:
             owner.register_parameter(pname, nn.Parameter(shard, requires_grad=param.requires_grad))
 
 
+def allreduce_sum_hook(process_group, bucket):
+    """DDP comm hook: sum a gradient bucket over the replicas, without DDP's division."""
+    fut = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
 def parallelize_hybrid(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
     if parallel_dims.tp_enabled:
         shard_linear_options(model, parallel_dims.get_mesh("tp"))
     model = parallelize_llama(model, parallel_dims, job_config)
+    if parallel_dims.dp_replicate_enabled and not parallel_dims.fsdp_enabled:
+        # parallelize_llama applied DDP (composable `replicate`): queue the hook for its lazy init.
+        model.register_comm_hook(None, allreduce_sum_hook)
     if is_cpu_run():
         for module in model.modules():
             if isinstance(module, FSDPModule):
