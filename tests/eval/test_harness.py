@@ -255,3 +255,17 @@ def test_only_the_harness_imports_lm_eval():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "lm_eval" or n.startswith("lm_eval.") for n in names), path
+
+
+def test_lm_eval_own_models_stay_known_after_import():
+    """lm-eval 0.4.13 adds its own models to the registry only when the registry is empty at the first
+    look-up: importing the harness (which registers titan_linear) must not hide `hf` (fresh process)."""
+    import subprocess
+    import sys
+
+    script = ("import titan_linear.eval.harness\n"
+              "from lm_eval.api.registry import get_model\n"
+              "print(get_model('hf').__name__, get_model('titan_linear').__name__)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["HFLM", "TitanLinearLM"]

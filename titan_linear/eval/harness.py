@@ -79,7 +79,14 @@ def local_dataset(data_files, **_metadata):
 def _register(cls):
     # `python -m` runs this file as __main__, and the task YAMLs import it again by name:
     # only that import registers, and __main__ hands over to it (bottom of the file).
-    return cls if __name__ == "__main__" else register_model("titan_linear")(cls)
+    if __name__ == "__main__" or _LM_EVAL_MISSING is not None:
+        return cls
+    # lm-eval 0.4.13 adds its own models (hf, vllm, ...) to the registry only when the registry
+    # is empty at the first look-up: registering titan_linear first would hide them
+    # (`model="hf"` -> "no model for this name found"). Add them first (a cheap import: names only).
+    import lm_eval.models  # noqa: F401
+
+    return register_model("titan_linear")(cls)
 
 
 @_register

@@ -122,9 +122,15 @@ class TitanLinearForCausalLM(TitanLinearPreTrainedModel, LlamaForCausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        # A mask of ones is accepted (HF generate and lm-eval's generate_until pass one). Zeros are
+        # refused: the linear layers sum over every earlier position, pads included, so a left-padded
+        # row (what generate and lm-eval's `hf` model build for prompts of unequal length) would be
+        # scored wrongly. lm-eval's loglikelihood passes no mask and right-pads: causal layers never
+        # see pads after a row's last real token, so that needs nothing here.
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
             raise ValueError("attention_mask with padding is not supported: the linear layers are causal "
-                             "over every position; pass unpadded sequences (batch size 1 or equal lengths)")
+                             "over every position; pass unpadded sequences (batch size 1 or equal lengths; "
+                             "with lm-eval's hf model, batch_size=1 for generate_until tasks)")
         kwargs.pop("past_key_values", None)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                cache=None, inputs_embeds=inputs_embeds, labels=labels, use_cache=False,
