@@ -67,13 +67,6 @@ BASE = [
     "--metrics.enable_tensorboard", "--metrics.save_tb_folder", "tb",
 ]
 
-# Seen on the CPU (2 gloo ranks): after the resume the first step's loss agrees and the
-# gradient norm is exactly half of FSDP's at the same weights and batch.
-DDP_SCALE = ("known: TorchTitan 0.2.2 divides each rank's loss sum by the global token count and "
-             "turns FSDP's gradient division off, but its DDP (composable replicate) still averages "
-             "over replicas, so DDP gradients are 1/dp of FSDP's and HSDP's: clipping and the "
-             "resumed AdamW moments then differ")
-
 LOOPED = ("Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
 
 
@@ -124,7 +117,6 @@ class Case:
         refused: the key of the one-line refusal the case expects (None: it must train).
         upstream: the TorchTitan 0.2.2 case (tests/integration_tests/features.py) it restates.
         not_applicable: why an upstream case cannot apply to this model (always skipped).
-        known: the diagnosis of a known failure, added to the case's error line when it fails.
     """
 
     name: str
@@ -135,7 +127,6 @@ class Case:
     refused: str | None = None
     upstream: str = ""
     not_applicable: str | None = None
-    known: str = ""
 
     @property
     def ngpu(self) -> int:
@@ -194,8 +185,7 @@ CASES = [
     Case("cp2", Layout(cp=2), refused="parallelism.context_parallel_degree", upstream="cp_allgather / cp_alltoall"),
     Case("fsdp2_cp2", Layout(shard=2, cp=2), refused="parallelism.context_parallel_degree", upstream="fsdp+cp"),
     # checkpoints: save under one layout, resume under another with the same data-parallel degree
-    Case("ckpt_fsdp2_to_ddp2", F2, resume=Layout(replicate=2), upstream="full_checkpoint, across layouts",
-         known=DDP_SCALE),
+    Case("ckpt_fsdp2_to_ddp2", F2, resume=Layout(replicate=2), upstream="full_checkpoint, across layouts"),
     Case("ckpt_tp2_to_pp2", T2, resume=Layout(pp=2, schedule="1F1B"), upstream="full_checkpoint, across layouts"),
     Case("ckpt_pp2_to_single", Layout(pp=2, schedule="GPipe"), resume=Layout(),
          upstream="full_checkpoint, across layouts"),
@@ -397,7 +387,7 @@ def run_case(case: Case, out: str, dry: bool, timeout: int) -> Result:
         if b:
             r.last_loss = b[max(b)]
     if problem:
-        r.error = f"{problem}; {case.known}" if case.known else problem
+        r.error = problem
     else:
         r.status = "passed"
     return r
