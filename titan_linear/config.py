@@ -107,8 +107,20 @@ class Monitor:
 
 
 @dataclass
+class Checkpoint:
+    initial_load_convert_layer_map: bool = False
+    """Let `checkpoint.initial_load_path` (a DCP checkpoint of a model trained here, e.g. a softmax-only
+    run) start a model of another layer map: every layer takes the checkpoint's same-numbered weights,
+    so a layer that becomes linear starts from softmax attention's wq/wk/wv/wo (linearizing). Needs
+    initial_load_model_only = true; logs the change. Off (the default), a different layer map is
+    refused. A resume (the dump folder's own checkpoints) always needs the same layer map, and the
+    OELM freeze map never changes. docs/hf.md, "Linearize a checkpoint trained here"."""
+
+
+@dataclass
 class JobConfig:
     model: Model = field(default_factory=Model)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     monitor: Monitor = field(default_factory=Monitor)

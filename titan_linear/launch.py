@@ -7,7 +7,8 @@
 of the chosen flavor (every titan_linear key and the recipe validated there), then
 checks what would otherwise fail only inside a rank: the tokenizer and its vocab,
 the training and validation data, the checkpoint a run would resume from (intact,
-same layer maps) and the dump folder's lock. A problem stops it with one line
+same layer maps) or start from (`checkpoint.initial_load_path`: every tensor fits,
+titan_linear/initial_load.py) and the dump folder's lock. A problem stops it with one line
 naming the key, the value and what is allowed, exit status 2, nothing written.
 
 `run` (what run_train.sh calls) does `check`, takes the dump folder's lock (a second
@@ -120,14 +121,16 @@ def check(argv: list[str]):
 
 
 def preflight(job_config, model_args) -> list[str]:
-    """What can be checked before ranks start (tokenizer, data, resume, lock); returns notes.
+    """What can be checked before ranks start (tokenizer, data, resume or initial load, lock); returns notes.
 
     Raises ValueError naming the key and the value.
     """
     from titan_linear.checkpoint import checkpoint_folder, read_tensors, resume_step
     from titan_linear.data.preflight import check_data
     from titan_linear.data.tokenizer import BUILTIN, resolve_hf_assets_path
+    from titan_linear.initial_load import initial_dcp_path, model_tensors, plan
     from titan_linear.models.maps import check_maps
+    from torchtitan.protocols.train_spec import get_train_spec
 
     check_lock_free(job_config.job.dump_folder)
     hf = job_config.model.hf_assets_path
@@ -148,6 +151,11 @@ def preflight(job_config, model_args) -> list[str]:
         except ValueError as e:
             raise ValueError(f"{e} (resuming from {path})") from None
         notes.append(f"titan_linear: resuming from {path}")
+    elif (initial := initial_dcp_path(job_config)) is not None:
+        own, own_maps = model_tensors(get_train_spec(job_config.model.name).model_cls, model_args)
+        ckpt = job_config.checkpoint
+        notes += plan(initial, own, own_maps, convert=getattr(ckpt, "initial_load_convert_layer_map", False),
+                      model_only=ckpt.initial_load_model_only).notes
     return notes
 
 

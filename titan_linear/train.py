@@ -6,6 +6,8 @@ as `python -m torchtitan.train` would be: this module calls TorchTitan's own
 run safety (recipe/monitor.py):
 - a NaN/Inf loss or gradient norm stops the step before the optimizer step;
 - no checkpoint of non-finite weights is written;
+- the initial load of a DCP checkpoint (`checkpoint.initial_load_path`) is checked against the
+  model first, and may start another layer map from it (initial_load.py);
 - a failure that is the user's to fix (a bad setting, data, a damaged checkpoint, a
   non-finite value) ends the rank with one line on stderr, in torchelastic's error
   file for the launcher to show, and exit status 1, instead of a traceback; anything
@@ -26,6 +28,7 @@ from torchtitan.train import Trainer as TorchTitanTrainer
 
 from titan_linear.checkpoint import checkpoint_folder, CheckpointError, complete_steps, step_folders
 from titan_linear.config_errors import first_line
+from titan_linear.initial_load import install as check_initial_load
 from titan_linear.recipe.monitor import (
     check_finite_loss, check_finite_weights, checked_grad_norm, nonfinite_message, NonFiniteError,
 )
@@ -35,10 +38,12 @@ USER_ERRORS = (ValueError, NonFiniteError, CheckpointError, FileNotFoundError)
 
 
 class Trainer(TorchTitanTrainer):
-    """TorchTitan's Trainer that never steps or saves on non-finite values."""
+    """TorchTitan's Trainer that never steps or saves on non-finite values, and checks (and may
+    convert the layer map of) its initial DCP load."""
 
     def __init__(self, job_config):
         super().__init__(job_config)
+        check_initial_load(self.checkpointer, job_config, self.train_spec.model_cls, self.model_args)
         save = self.checkpointer.save
 
         def finite_save(curr_step: int, last_step: bool = False):
