@@ -223,3 +223,30 @@ def test_real_sweep_skips_finished_runs_and_resumes_a_cut_one(tmp_path, capsys):
     result = json.loads((runs["seed1"] / "eval" / "perplexity.json").read_text())
     assert [r["seq_len"] for r in result["results"]] == [64, 128]  # [eval] factors 1 and 2
     assert result["model"]["weights"].endswith("step-4") and result["model"]["layer_map"] == "SLSLSL"
+
+
+def test_names_show_switched_on_options_and_leave_out_per_seed_keys(tmp_path):
+    (tmp_path / "ck0").mkdir()
+    (tmp_path / "ck1").mkdir()
+    spec = load_spec(write_spec(tmp_path, f"""
+        [fixed]
+        "training.steps" = 4
+        [[runs]]
+        "model.linear_attn_ratio" = 1.0
+        "model.linear_attn_output_gate" = [true, false]
+        "model.linear_attn_short_conv" = 4
+        "job.description" = "from {tmp_path}/ck0"
+        "debug.seed" = 0
+        [[runs]]
+        "model.linear_attn_ratio" = 1.0
+        "model.linear_attn_output_gate" = [true, false]
+        "model.linear_attn_short_conv" = 4
+        "job.description" = "from {tmp_path}/ck1"
+        "debug.seed" = 1
+    """), parse_base)
+    # job.description follows the seed: out of the names, so both seeds share each group
+    assert [r.name for r in spec.runs] == ["gate-seed0", "seed0", "gate-seed1", "seed1"]
+    groups = {r.name: r.group for r in spec.runs}
+    assert groups["gate-seed0"] == groups["gate-seed1"] == "gate"
+    assert groups["seed0"] == groups["seed1"]
+    assert spec.runs[0].overrides["job.description"].endswith("ck0")

@@ -26,8 +26,11 @@ run's config exactly as `python -m titan_linear.launch check` does. A list-typed
 value of it.
 
 A run's name joins the values of the keys that differ between runs, in spec order with the seed
-last (`ratio0.5-front-seed1`); its group is the name without the seed part. Two points that end
-up with the same name are the same run and are run once.
+last (`ratio0.5-front-seed1`); its group is the name without the seed part. A switched-on boolean
+shows as its label alone and a switched-off one not at all (`ratio1.0-gate-conv4-seed0`). A key
+whose value follows from the seed alone (e.g. a checkpoint per seed in
+`checkpoint.initial_load_path`) stays out of names, so that the seeds of one configuration share
+a group. Two points that end up with the same name are the same run and are run once.
 """
 
 import dataclasses
@@ -63,6 +66,11 @@ LABELS = {
     "model.n_layers": "L",
     "model.dim": "d",
     "training.steps": "steps",
+    "model.linear_attn_temperature": "tau",
+    "model.linear_attn_learned_temperature": "learned_tau",
+    "model.linear_attn_output_norm": "norm",
+    "model.linear_attn_output_gate": "gate",
+    "model.linear_attn_short_conv": "conv",
     SEED_KEY: "seed",
 }
 
@@ -213,6 +221,15 @@ def _label(value) -> str:
     return re.sub(r"[^A-Za-z0-9.+_-]", "_", text)
 
 
+def _part(key: str, value) -> str:
+    """How one key's value shows in a run name: a switched-on boolean option by its label alone,
+    a switched-off one not at all (`gate`, not `linear_attn_output_gateon`)."""
+    label = LABELS.get(key, key.rsplit(".", 1)[-1])
+    if isinstance(value, bool):
+        return label if value else ""
+    return f"{label}{_label(value)}"
+
+
 def effective(job_config, key: str):
     obj = job_config
     for part in key.split("."):
@@ -225,13 +242,23 @@ def name_runs(points: list[dict], key_order: list[str], base_job_config, fallbac
     def value(point, key):
         return point[key] if key in point else effective(base_job_config, key)
 
+    def per_seed(key):
+        # A key whose value follows from the seed alone (a checkpoint per seed to start from,
+        # say) would split a configuration's seeds into groups of one: it stays out of names.
+        if key == SEED_KEY or SEED_KEY not in varying:
+            return False
+        seen = {}
+        return all(seen.setdefault(repr(value(p, SEED_KEY)), repr(value(p, key))) == repr(value(p, key))
+                   for p in points)
+
     varying = [k for k in key_order if len({repr(value(p, k)) for p in points}) > 1]
+    varying = [k for k in varying if not per_seed(k)]
     varying.sort(key=lambda k: k == SEED_KEY)  # the seed last
     out = []
     for p in points:
-        parts = [(k, f"{LABELS.get(k, k.rsplit('.', 1)[-1])}{_label(value(p, k))}") for k in varying]
-        name = "-".join(text for _, text in parts) or fallback
-        group = "-".join(text for k, text in parts if k != SEED_KEY) or fallback
+        parts = [(k, _part(k, value(p, k))) for k in varying]
+        name = "-".join(text for _, text in parts if text) or fallback
+        group = "-".join(text for k, text in parts if k != SEED_KEY and text) or fallback
         out.append((name, group))
     return out
 
