@@ -30,3 +30,17 @@ def build(args, seed: int = 0, cls=HybridTransformer):
     with torch.no_grad():
         model.init_weights(buffer_device=torch.device("cpu"))
     return model
+
+
+def adamw_losses(model, ids: torch.Tensor, steps: int, lr: float = 3e-3) -> list[float]:
+    """Train `model` for `steps` AdamW steps on one batch of ids (next-token loss); the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

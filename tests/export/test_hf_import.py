@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from tests.helpers import DEBUG_TOML  # noqa: E402
+from tests.helpers import adamw_losses, DEBUG_TOML  # noqa: E402
 
 TINY = ["--model.n_layers", "4", "--model.dim", "64", "--model.n_heads", "4", "--model.n_kv_heads", "2",
         "--training.seq_len", "64"]
@@ -89,16 +89,8 @@ def test_import_ratio_half_loads_every_weight_and_trains(tmp_path):
     text = open(os.path.join(os.path.dirname(__file__), "..", "..", "titan_linear", "assets", "data",
                              "tinyshakespeare.txt"), encoding="utf-8").read(4000)
     ids = torch.tensor(loaded.tokenizer.encode(text, add_bos=True, add_eos=False)[: 4 * 65]).view(4, 65)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
-    losses = []
-    for _ in range(8):
-        logits = model(ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adamw_losses(model, ids, 8)
     assert losses[-1] < 0.8 * losses[0], losses
 
 

@@ -11,7 +11,7 @@ import torch.distributed.checkpoint as dcp
 from titan_linear import launch
 from titan_linear.models.maps import CONVERT_KEY
 
-from tests.helpers import build, DEBUG_TOML, OELM_TOML
+from tests.helpers import adamw_losses, build, DEBUG_TOML, OELM_TOML
 
 TINY = ["--model.n_layers", "4", "--model.dim", "64", "--model.n_heads", "4", "--model.n_kv_heads", "2",
         "--training.seq_len", "64"]
@@ -96,15 +96,7 @@ def test_ratio0_checkpoint_starts_a_ratio_half_hybrid_that_trains(tmp_path, capl
     # A few AdamW steps on one batch of ids: the converted model trains.
     torch.manual_seed(0)
     ids = torch.randint(0, 2048, (4, 65))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(10):
-        logits = model(ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adamw_losses(model, ids, 10)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
