@@ -250,3 +250,14 @@ def test_names_show_switched_on_options_and_leave_out_per_seed_keys(tmp_path):
     assert groups["gate-seed0"] == groups["gate-seed1"] == "gate"
     assert groups["seed0"] == groups["seed1"]
     assert spec.runs[0].overrides["job.description"].endswith("ck0")
+
+
+def test_prefix_starts_names_and_groups_and_bad_prefix_is_one_line(tmp_path, capsys):
+    spec = load_spec(write_spec(tmp_path, 'prefix = "linearized"\n[grid]\n"model.linear_attn_ratio" = [0.5, 1.0]\n'
+                                '"debug.seed" = [0, 1]\n'), parse_base)
+    assert [r.name for r in spec.runs] == ["linearized-ratio0.5-seed0", "linearized-ratio1.0-seed0",
+                                           "linearized-ratio0.5-seed1", "linearized-ratio1.0-seed1"]
+    assert {r.group for r in spec.runs} == {"linearized-ratio0.5", "linearized-ratio1.0"}
+    assert main([write_spec(tmp_path, 'prefix = "a b"\n[grid]\n"debug.seed" = [0]\n'), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "prefix = 'a b' is not allowed" in err

@@ -2,6 +2,7 @@
 
     base = "train_configs/sweep_30m.toml"    # the training TOML every run starts from
     out = "outputs/sweeps/ratio_sweep"       # one dump folder per run under it
+    prefix = "linearized"                    # optional: starts every run's name and group
     [fixed]                                  # overrides for every run
     "training.steps" = 2000
     [grid]                                   # the cartesian product of these lists
@@ -54,7 +55,7 @@ DRIVER_ON = {
     "checkpoint.enable": "sweeps need checkpoints (to skip finished runs and resume cut ones)",
     "metrics.enable_tensorboard": "titan_linear.analysis.runs reads each run's TensorBoard events",
 }
-TOP_KEYS = ("base", "out", "fixed", "grid", "runs", "eval", "slurm")
+TOP_KEYS = ("base", "out", "prefix", "fixed", "grid", "runs", "eval", "slurm")
 EVAL_KEYS = ("factors", "max_tokens")
 SLURM_KEYS = ("options",)
 # How a key shows in run names; other keys show as their last part (`lr0.0008`).
@@ -301,6 +302,10 @@ def load_spec(path: str, parse_base) -> Spec:
     base, out = os.path.normpath(raw["base"]), os.path.normpath(raw["out"])
     if not os.path.isfile(base):
         raise ValueError(f"base = {raw['base']!r} is not allowed: no such file (relative paths are taken from the current directory)")
+    prefix = raw.get("prefix", "")
+    if not (isinstance(prefix, str) and re.fullmatch(r"[A-Za-z0-9._-]*", prefix)):
+        raise ValueError(f"prefix = {prefix!r} is not allowed: letters, digits, '.', '_' and '-' only "
+                         "(it starts run names and folder names)")
     fixed, grid = _table(raw, "fixed"), _table(raw, "grid")
     entries = raw.get("runs", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -327,6 +332,9 @@ def load_spec(path: str, parse_base) -> Spec:
     fallback = os.path.splitext(os.path.basename(base))[0]
     runs, seen = [], set()
     for point, (name, group) in zip(points, name_runs(points, order, base_job_config, fallback)):
+        if prefix:
+            # Tells apart runs of two specs whose varying keys read the same (a report groups by name).
+            name, group = (f"{prefix}-{x}" if x != fallback else prefix for x in (name, group))
         if name in seen:
             continue  # the same settings listed twice (e.g. by [grid] and [[runs]])
         seen.add(name)
