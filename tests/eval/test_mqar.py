@@ -133,6 +133,9 @@ def test_mqar_plot_needs_matplotlib_or_writes_png(tmp_path, capsys):
     (["--dtype", "bf16"], "--dtype = 'bf16'"),
     (["--device", "tpu"], "--device = 'tpu'"),
     (["--kv-pairs", "two"], "--kv-pairs"),
+    (["--linear-options", "conv=4"], "--linear-options = 'conv=4'"),
+    (["--linear-options", "short_conv=1"], "--linear-options = 'short_conv=1'"),
+    (["--linear-options", "output_gate=yes"], "--linear-options = 'output_gate=yes'"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_mqar_bad_flag_is_one_line_exit_2(tmp_path, capsys, flags, named):
     out = tmp_path / "bad.json"
@@ -140,6 +143,28 @@ def test_mqar_bad_flag_is_one_line_exit_2(tmp_path, capsys, flags, named):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and named in err[0], err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_mqar_linear_options_reach_the_linear_layers(tmp_path):
+    """`--linear-options` builds every linear layer with them (and only the linear layers), and
+    the options name the plot's lines and the settings."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(dim=32, n_layers=2, heads=2, vocab=32, seq_len=16, ffn_hidden=0, seed=0,
+                           linear_option_values=mqar.linear_options(["short_conv=4", "output_gate=true"]))
+    model, _ = mqar.build_model("SL", args, "cpu")
+    assert model.layers["1"].attention.short_conv.kernel == 4 and model.layers["1"].attention.wg is not None
+    assert not hasattr(model.layers["0"].attention, "short_conv")
+    out = tmp_path / "m.json"
+    argv = ["--out", str(out), "--layer-maps", "LL", *TINY, "--lrs", "3e-3"]
+    assert mqar.main([*argv, "--linear-options", "short_conv=4", "output_gate=true"]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["linear_option_values"] == {"linear_attn_short_conv": 4, "linear_attn_output_gate": True}
+    assert result["results"][0]["label"] == "LL + short_conv=4 output_gate=true"
+    plain = tmp_path / "p.json"
+    assert mqar.main(["--out", str(plain), *argv[2:]]) == 0
+    runs = [json.loads(f.read_text())["results"][0]["runs"][0]["curve"] for f in (out, plain)]
+    assert runs[0] != runs[1]  # another model, another training curve
 
 
 def test_mqar_parallel_workers_give_the_serial_results(tmp_path, capsys, one_thread):

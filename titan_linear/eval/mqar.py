@@ -98,6 +98,9 @@ def _parser() -> Parser:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--ffn-hidden", type=int, default=0, help="SwiGLU hidden width; 0 (default) removes the FFN")
+    p.add_argument("--linear-options", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="options of every linear layer, as the [model] keys linear_attn_KEY (docs/attention.md), "
+                        "e.g. short_conv=4 output_gate=true; default none (the seed's layer)")
     # 1e-4 and 3e-4 learned nothing in 16 epochs for any layer map on an H200 (kv 4, 8 runs), and
     # 3e-3 won most groups: the default sweep starts at 1e-3 and goes one step beyond 3e-3.
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
@@ -139,6 +142,8 @@ def layer_maps(args) -> list[tuple[str, str]]:
     from titan_linear.models.hybrid.placement import layer_map_string, place_layers
 
     n = args.n_layers
+    # The linear layers' options name every line of the plot (the maps are the same with or without).
+    suffix = f" + {' '.join(args.linear_options)}" if getattr(args, "linear_options", None) else ""
     ratios = args.ratios if args.ratios is not None else ([] if args.layer_maps else DEFAULT_RATIOS)
     out, seen = [], set()
     for r in ratios:
@@ -146,15 +151,50 @@ def layer_maps(args) -> list[tuple[str, str]]:
             raise _bad("ratios", r, "numbers in [0, 1]")
         m = layer_map_string(n, place_layers(n, r, "uniform"))
         if m not in seen:
-            out.append((f"ratio {r:g} ({m})", m))
+            out.append((f"ratio {r:g} ({m}){suffix}", m))
             seen.add(m)
     for m in args.layer_maps:
         if len(m) != n or set(m) - {"S", "L"}:
             raise _bad("layer-maps", m, f"{n} letters S or L, one per layer (--n-layers {n})")
         if m not in seen:
-            out.append((m, m))
+            out.append((f"{m}{suffix}", m))
             seen.add(m)
     return out
+
+
+def linear_options(items: list[str]) -> dict:
+    """`--linear-options KEY=VALUE ...` as HybridModelArgs fields, checked as the [model] keys are."""
+    from types import SimpleNamespace
+
+    from titan_linear.config_errors import ConfigError
+    from titan_linear.models.hybrid.args import linear_options_from
+
+    raw = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        field = f"linear_attn_{key}"
+        if not sep or field not in OPTION_TYPES:
+            raise _bad("linear-options", item, f"KEY=VALUE with KEY one of {', '.join(OPTION_TYPES_SHORT)}")
+        kind = OPTION_TYPES[field]
+        if kind is bool:
+            if value.lower() not in ("true", "false"):
+                raise _bad("linear-options", item, f"{key}=true or {key}=false")
+            raw[field] = value.lower() == "true"
+        else:
+            try:
+                raw[field] = kind(value)
+            except ValueError:
+                raise _bad("linear-options", item, f"{key}= {'an integer' if kind is int else 'a number'}") from None
+    try:
+        checked = linear_options_from(SimpleNamespace(**raw))
+    except ConfigError as e:
+        raise _bad("linear-options", " ".join(items), first_line(str(e))) from None
+    return {k: v for k, v in checked.items() if k in raw}
+
+
+OPTION_TYPES = {"linear_attn_temperature": float, "linear_attn_learned_temperature": bool,
+                "linear_attn_output_norm": bool, "linear_attn_output_gate": bool, "linear_attn_short_conv": int}
+OPTION_TYPES_SHORT = [k.removeprefix("linear_attn_") for k in OPTION_TYPES]
 
 
 def check_args(args):
@@ -193,6 +233,7 @@ def check_args(args):
         if kv > args.vocab // 2 - 1:
             raise _bad("kv-pairs", kv, f"at most {max(args.vocab // 2 - 1, 0)} for --vocab {args.vocab} "
                                        "(distinct keys from [1, vocab / 2))")
+    args.linear_option_values = linear_options(args.linear_options)
     maps = layer_maps(args)
     device, dtype = device_and_dtype(args)
     if dtype == "bf16" and device.type != "cuda":
@@ -219,6 +260,7 @@ def build_model(layer_map: str, args, device, seed: int | None = None):
         # (h + 0.5) / base makes int(multiplier * base) exactly h, 0 included.
         ffn_dim_multiplier=(args.ffn_hidden + 0.5) / base,
         linear_attn_layers=tuple(i for i, c in enumerate(layer_map) if c == "L"),
+        **getattr(args, "linear_option_values", {}),
     )
     assert margs.layer_map == layer_map, (margs.layer_map, layer_map)
     with torch.device("meta"), warnings.catch_warnings():
