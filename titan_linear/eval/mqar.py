@@ -3,6 +3,7 @@
     python -m titan_linear.eval.mqar --out results/mqar.json --plot results/mqar.png \\
         [--ratios 0 0.25 0.5 0.75 1] [--layer-maps SLLL ...] [--kv-pairs 4 8 16 32 64] \\
         [--seq-len 256] [--vocab 8192] [--n-layers 4] [--dim 128] [--heads 2] [--ffn-hidden 0] \\
+        [--linear-options short_conv=4 output_gate=true ...] \\
         [--lrs 1e-3 3e-3 1e-2] [--train-examples 100000] [--test-examples 3000] \\
         [--epochs 16] [--batch-size 256] [--early-stop 0.99] [--gap-power 0.01] [--zero-filler] \\
         [--device cpu|cuda] [--dtype bf16|fp32] [--compile] [--parallel 1] [--seed 0] [--seeds 0 1 2] [--resume]
@@ -32,6 +33,10 @@ Default grid: ratios 0, 0.25, 0.5, 0.75, 1 of 4 layers (SSSS, SSLS, SLSL, LLSL, 
 V = 8192, dim 128, 2 heads, learning rates 1e-3, 3e-3, 1e-2 (Zoology sweeps 1e-4 ... 1e-2 or
 1e-3 ... 3e-2; 1e-4 and 3e-4 learned nothing here), 100k train examples (20k per count) and 1k
 test examples per count, at most 16 epochs of batch 256: 15 training runs.
+
+`--linear-options KEY=VALUE ...` builds every linear layer with the options of the layer (the
+`[model]` keys `linear_attn_KEY`, checked as a config checks them; docs/attention.md); they are
+recorded in the settings and name the plot's lines.
 
 Differences from Zoology: 4 layers by default (Zoology: 2; `--n-layers 2` gives theirs); the
 blocks are llama3's, with RMSNorm and RoPE on the softmax layers; `--ffn-hidden 0` (default)
