@@ -252,6 +252,21 @@ def test_names_show_switched_on_options_and_leave_out_per_seed_keys(tmp_path):
     assert spec.runs[0].overrides["job.description"].endswith("ck0")
 
 
+def test_names_leave_out_an_option_at_its_off_value(tmp_path):
+    spec = load_spec(write_spec(tmp_path, """
+        [fixed]
+        "training.steps" = 4
+        "model.linear_attn_ratio" = 1.0
+        [[runs]]
+        "model.linear_attn_output_gate" = true
+        [[runs]]
+        "model.linear_attn_short_conv" = [4, 0]
+    """), parse_base)
+    # the first block leaves the convolution at its default 0 (off): "gate", not "gate-conv0"
+    # and the point with every option off takes the fallback name (the base config's)
+    assert [r.name for r in spec.runs] == ["gate", "conv4", "debug_model"]
+
+
 def test_prefix_starts_names_and_groups_and_bad_prefix_is_one_line(tmp_path, capsys):
     spec = load_spec(write_spec(tmp_path, 'prefix = "linearized"\n[grid]\n"model.linear_attn_ratio" = [0.5, 1.0]\n'
                                 '"debug.seed" = [0, 1]\n'), parse_base)

@@ -28,7 +28,8 @@ value of it.
 
 A run's name joins the values of the keys that differ between runs, in spec order with the seed
 last (`ratio0.5-front-seed1`); its group is the name without the seed part. A switched-on boolean
-shows as its label alone and a switched-off one not at all (`ratio1.0-gate-conv4-seed0`). A key
+shows as its label alone and a switched-off one not at all (`ratio1.0-gate-conv4-seed0`), and so
+does an option at the value that switches it off (`linear_attn_short_conv = 0`: no `conv0`). A key
 whose value follows from the seed alone (e.g. a checkpoint per seed in
 `checkpoint.initial_load_path`) stays out of names, so that the seeds of one configuration share
 a group. Two points that end up with the same name are the same run and are run once.
@@ -58,6 +59,8 @@ DRIVER_ON = {
 TOP_KEYS = ("base", "out", "prefix", "fixed", "grid", "runs", "eval", "slurm")
 EVAL_KEYS = ("factors", "max_tokens")
 SLURM_KEYS = ("options",)
+# Option keys whose value switches the option off: such a value shows in no name.
+OFF_VALUES = {"model.linear_attn_short_conv": 0}
 # How a key shows in run names; other keys show as their last part (`lr0.0008`).
 LABELS = {
     "model.linear_attn_ratio": "ratio",
@@ -228,6 +231,8 @@ def _part(key: str, value) -> str:
     label = LABELS.get(key, key.rsplit(".", 1)[-1])
     if isinstance(value, bool):
         return label if value else ""
+    if key in OFF_VALUES and value == OFF_VALUES[key]:
+        return ""  # an option at its "off" value, like a switched-off boolean (not `conv0`)
     return f"{label}{_label(value)}"
 
 
