@@ -174,13 +174,16 @@ def linear_options(items: list[str]) -> dict:
     from titan_linear.config_errors import ConfigError
     from titan_linear.models.hybrid.args import linear_options_from
 
+    # The option keys and their types are those of the [model] check, read from its defaults.
+    defaults = linear_options_from(SimpleNamespace())
     raw = {}
     for item in items:
         key, sep, value = item.partition("=")
         field = f"linear_attn_{key}"
-        if not sep or field not in OPTION_TYPES:
-            raise _bad("linear-options", item, f"KEY=VALUE with KEY one of {', '.join(OPTION_TYPES_SHORT)}")
-        kind = OPTION_TYPES[field]
+        if not sep or field not in defaults:
+            names = ", ".join(k.removeprefix("linear_attn_") for k in defaults)
+            raise _bad("linear-options", item, f"KEY=VALUE with KEY one of {names}")
+        kind = type(defaults[field])
         if kind is bool:
             if value.lower() not in ("true", "false"):
                 raise _bad("linear-options", item, f"{key}=true or {key}=false")
@@ -195,11 +198,6 @@ def linear_options(items: list[str]) -> dict:
     except ConfigError as e:
         raise _bad("linear-options", " ".join(items), first_line(str(e))) from None
     return {k: v for k, v in checked.items() if k in raw}
-
-
-OPTION_TYPES = {"linear_attn_temperature": float, "linear_attn_learned_temperature": bool,
-                "linear_attn_output_norm": bool, "linear_attn_output_gate": bool, "linear_attn_short_conv": int}
-OPTION_TYPES_SHORT = [k.removeprefix("linear_attn_") for k in OPTION_TYPES]
 
 
 def check_args(args):
