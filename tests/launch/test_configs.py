@@ -86,6 +86,16 @@ def test_ratio_not_a_number_in_toml(tmp_path, capsys):
     assert rc != 0 and "model.linear_attn_ratio" in err and "half" in err and "[0, 1]" in err
 
 
+def test_convert_layer_map_not_a_boolean_in_toml(tmp_path, capsys):
+    """A string is not silently taken as true (bool("false") would be)."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(open(DEBUG).read().replace("[checkpoint]\n", '[checkpoint]\ninitial_load_convert_layer_map = "false"\n'))
+    rc = launch.main(["check", "--job.config_file", str(bad)])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1, err
+    assert "checkpoint.initial_load_convert_layer_map = 'false'" in err and "true or false" in err
+
+
 def test_unknown_toml_key_is_rejected(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text(open(DEBUG).read().replace("[model]\n", "[model]\nlinear_atn_ratio = 0.5\n"))

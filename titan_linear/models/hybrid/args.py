@@ -11,6 +11,7 @@ from torchtitan.tools.logging import logger
 
 from titan_linear.config import Model as ModelConfig
 from titan_linear.config_errors import bad_value, ConfigError, is_int, is_number
+from titan_linear.models.maps import CONVERT_KEY
 from titan_linear.recipe import check_recipe
 
 from .placement import layer_map_string, place_layers, PLACEMENTS
@@ -90,6 +91,10 @@ class HybridModelArgs(TransformerModelArgs):
         # The recipe (optimizer groups, schedules, monitoring) is checked here for every model.
         for note in check_recipe(job_config):
             logger.warning(note)
+        # Read only by an initial load (initial_load.py), checked for every run all the same.
+        convert = getattr(job_config.checkpoint, "initial_load_convert_layer_map", False)
+        if not isinstance(convert, bool):
+            raise bad_value(CONVERT_KEY, convert, "true or false")
         shape = {}
         for key in ("n_layers", "dim", "n_heads", "n_kv_heads", "vocab_size"):
             value = getattr(m, key, 0)
