@@ -23,7 +23,7 @@ whole model's (built on the meta device, so every pipeline stage sees the same a
 - a converted map or a fresh tensor needs `checkpoint.initial_load_model_only = true`: the
   optimizer state and step of another model do not carry over.
 
-`launch check` (preflight) runs `plan` before any rank starts; the trainer (train.py) runs it
+`launch check` (preflight) runs `plan_for` before any rank starts; the trainer (train.py) runs it
 again inside the CheckpointManager's `dcp_load` (`install`), logs its lines on rank 0 and loads
 everything but the converted maps and the fresh tensors through TorchTitan's own code.
 """
@@ -163,6 +163,15 @@ def plan(path: str, own: dict[str, tuple[int, ...]], own_maps: dict[str, torch.T
     return out
 
 
+def plan_for(path: str, job_config, model_cls, model_args) -> InitialLoad:
+    """`plan` for this run's model (built on meta from `model_cls`, `model_args`) and its
+    checkpoint keys: what `launch check` and the trainer both run."""
+    own, own_maps = model_tensors(model_cls, model_args)
+    ckpt = job_config.checkpoint
+    return plan(path, own, own_maps, convert=getattr(ckpt, "initial_load_convert_layer_map", False),
+                model_only=ckpt.initial_load_model_only)
+
+
 def install(manager, job_config, model_cls, model_args) -> None:
     """Make TorchTitan's `manager` (a CheckpointManager) check its initial DCP load with `plan`,
     log the plan's notes on rank 0 and load everything but the plan's `skip`; resumes, HF loads
@@ -171,13 +180,10 @@ def install(manager, job_config, model_cls, model_args) -> None:
     from torchtitan.tools.logging import logger
 
     load = manager.dcp_load
-    convert = bool(getattr(job_config.checkpoint, "initial_load_convert_layer_map", False))
 
     def dcp_load(state_dict, checkpoint_id, from_hf, from_quantized):
         if not from_hf and checkpoint_id == initial_dcp_path(job_config):
-            own, own_maps = model_tensors(model_cls, model_args)
-            todo = plan(checkpoint_id, own, own_maps, convert=convert,
-                        model_only=job_config.checkpoint.initial_load_model_only)
+            todo = plan_for(checkpoint_id, job_config, model_cls, model_args)
             if not dist.is_initialized() or dist.get_rank() == 0:
                 for note in todo.notes:
                     logger.info(note)

@@ -128,7 +128,7 @@ def preflight(job_config, model_args) -> list[str]:
     from titan_linear.checkpoint import checkpoint_folder, read_tensors, resume_step
     from titan_linear.data.preflight import check_data
     from titan_linear.data.tokenizer import BUILTIN, resolve_hf_assets_path
-    from titan_linear.initial_load import initial_dcp_path, model_tensors, plan
+    from titan_linear.initial_load import initial_dcp_path, plan_for
     from titan_linear.models.maps import check_maps
     from torchtitan.protocols.train_spec import get_train_spec
 
@@ -152,10 +152,7 @@ def preflight(job_config, model_args) -> list[str]:
             raise ValueError(f"{e} (resuming from {path})") from None
         notes.append(f"titan_linear: resuming from {path}")
     elif (initial := initial_dcp_path(job_config)) is not None:
-        own, own_maps = model_tensors(get_train_spec(job_config.model.name).model_cls, model_args)
-        ckpt = job_config.checkpoint
-        notes += plan(initial, own, own_maps, convert=getattr(ckpt, "initial_load_convert_layer_map", False),
-                      model_only=ckpt.initial_load_model_only).notes
+        notes += plan_for(initial, job_config, get_train_spec(job_config.model.name).model_cls, model_args).notes
     return notes
 
 
