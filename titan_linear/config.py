@@ -44,6 +44,12 @@ class Model:
     projections (0, the default, is off; fla's layers use 4; allowed 2..32). Decoding carries its
     last kernel - 1 inputs."""
 
+    linear_attn_decay: bool = False
+    """A learned decay of the linear layers' state per kv head (γ = exp(−a), started at RetNet's
+    1 − 2^(−5−h)): the bias a·s on the keys before their causal softmax over positions, which
+    weighs key s at position t by γ^(t−s). Gives the layers a sense of recency. Off by default.
+    docs/attention.md, "Decay"."""
+
     n_layers: int = 0
     """Override the flavor's number of layers (0 keeps the flavor's)."""
 

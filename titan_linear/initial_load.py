@@ -15,7 +15,7 @@ whole model's (built on the meta device, so every pipeline stage sees the same a
   (else one line names that key); the model keeps its own map and a log line says which layers
   changed kind. Any other map (OELM's freeze map) must match. A map missing on one side counts as
   all zeros (a stock llama3 checkpoint has no linear layers, a non-OELM model freezes nothing);
-- a linear-layer option tensor (OPTION_NAMES: wg, short_conv, q/k_log_scale, out_norm) that the
+- a linear-layer option tensor (OPTION_NAMES: wg, short_conv, q/k_log_scale, k_log_decay, out_norm) that the
   model has and the checkpoint lacks keeps its initial value, and a log line names them;
 - any other tensor the model needs that the checkpoint lacks, a tensor of another shape, or a
   model tensor of the checkpoint the model has no place for (an option this model is built

@@ -17,7 +17,8 @@ from tests.helpers import DEBUG_TOML, OELM_TOML  # noqa: E402
 TINY = ["--model.n_layers", "4", "--model.dim", "64", "--model.n_heads", "4", "--model.n_kv_heads", "2",
         "--training.seq_len", "64"]
 OPTIONS = ["--model.linear_attn_temperature", "2.0", "--model.linear_attn_learned_temperature",
-           "--model.linear_attn_output_norm", "--model.linear_attn_output_gate", "--model.linear_attn_short_conv", "4"]
+           "--model.linear_attn_output_norm", "--model.linear_attn_output_gate", "--model.linear_attn_short_conv", "4",
+           "--model.linear_attn_decay"]
 
 
 def _load(config: str, overrides: list[str], seed: int = 0):
@@ -30,7 +31,7 @@ def _load(config: str, overrides: list[str], seed: int = 0):
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in loaded.model.named_parameters():
-            if any(s in name for s in ("log_scale", "out_norm", "short_conv")):
+            if any(s in name for s in ("log_scale", "log_decay", "out_norm", "short_conv")):
                 p.copy_(p + 0.3 * torch.randn(p.shape, generator=gen))
     return loaded
 
@@ -71,6 +72,7 @@ def test_export_logits_match_torchtitan_model(tmp_path, config, overrides):
         assert cfg["titan_linear"]["oelm"]["frozen_projections"] == ["q_proj", "k_proj"]
     if "--model.linear_attn_short_conv" in overrides:
         assert cfg["linear_attn_short_conv"] == 4 and cfg["linear_attn_output_gate"] is True
+        assert cfg["linear_attn_decay"] is True
         _check_self_contained(out, tmp_path, hf(_tokens()).logits)
 
 

@@ -46,7 +46,7 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
             m = build(args, seed=0)
             with torch.no_grad():  # off the start values, so every option's gradient shows
                 for name, p in m.named_parameters():
-                    if "log_scale" in name or "out_norm" in name or "short_conv" in name:
+                    if any(s in name for s in ("log_scale", "log_decay", "out_norm", "short_conv")):
                         p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
             return m
 
@@ -62,6 +62,7 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
         apply_tp(tp, mesh, loss_parallel=False, enable_float8_tensorwise_tp=False, cp_enabled=False)
         assert isinstance(tp.layers["0"].attention.short_conv.q_weight, DTensor)
         assert tp.layers["0"].attention.q_log_scale.to_local().shape == (2,)
+        assert tp.layers["0"].attention.k_log_decay.to_local().shape == (1,)  # 2 kv heads over 2 ranks
         got = tp(tokens)
         got = got.full_tensor() if isinstance(got, DTensor) else got
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -99,6 +100,13 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
                 want = ref_params[name].grad
                 torch.testing.assert_close(p.grad.full_tensor(), want, rtol=1e-4,
                                            atol=1e-5 * want.abs().max().item(), msg=name)
+        # initialising a sharded parameter (TP or FSDP) writes each rank's part of the per-head values
+        from titan_linear.models.hybrid.linear_options import fill, initial_log_decay
+
+        for sharded in (tp, fsdp):
+            p = sharded.layers["0"].attention.k_log_decay
+            fill(p, initial_log_decay(2))
+            torch.testing.assert_close(p.full_tensor(), initial_log_decay(2))
         if rank == 0:
             open(f"{out_dir}/ok", "w").write("ok")
     except BaseException:

@@ -20,6 +20,7 @@ OPTIONS = {
     "output_norm": {"linear_attn_output_norm": True},
     "output_gate": {"linear_attn_output_gate": True},
     "short_conv": {"linear_attn_short_conv": 4},
+    "decay": {"linear_attn_decay": True},
 }
 OPTIONS["all"] = {k: v for opts in OPTIONS.values() for k, v in opts.items()}
 
@@ -29,6 +30,7 @@ NEW_PARAMS = {
     "output_norm": {"out_norm.weight"},
     "output_gate": {"wg.weight"},
     "short_conv": {"short_conv.q_weight", "short_conv.k_weight", "short_conv.v_weight"},
+    "decay": {"k_log_decay"},
 }
 
 
@@ -89,6 +91,7 @@ def test_option_formulas():
     with torch.no_grad():
         attn.q_log_scale.uniform_(-1, 1)
         attn.short_conv.k_weight.normal_()
+        attn.k_log_decay.uniform_(-3, 0)
     # learned temperature starts at the fixed one: scale 1 / 2 on both q and k
     assert torch.allclose(torch.exp(_model(**OPTIONS["learned_temperature"]).layers["0"].attention.k_log_scale),
                           torch.full((2,), 0.5))
@@ -98,6 +101,8 @@ def test_option_formulas():
     w = attn.short_conv.k_weight
     conv = F.conv1d(F.pad(xk.transpose(1, 2), (3, 0)), w[:, None, :], groups=w.shape[0]).transpose(1, 2)
     want_k = (xk + conv).view(2, 9, 2, 16).transpose(1, 2) * 0.5
+    # the decay: a_h * s added to kv head h's keys at position s, a_h = exp(k_log_decay)
+    want_k = want_k + torch.exp(attn.k_log_decay)[:, None, None] * torch.arange(9.0)[:, None]
     torch.testing.assert_close(k, want_k, rtol=1e-5, atol=1e-5)
     xq = attn.short_conv(attn.wq(x), xk, attn.wv(x))[0][0].view(2, 9, 4, 16).transpose(1, 2)
     torch.testing.assert_close(q, xq * torch.exp(attn.q_log_scale)[:, None, None], rtol=1e-6, atol=1e-6)
@@ -129,8 +134,9 @@ def test_optimizer_groups_and_parameter_counts():
     assert "layers.0.attention.wg.weight" in decay and "layers.0.attention.short_conv.q_weight" in decay
     assert "layers.0.attention.out_norm.weight" not in decay and "layers.0.attention.q_log_scale" not in decay
     base = _model()
-    # per linear layer (2): out_norm 4x16, wg 64x64, log scales 4 + 2, kernels 4 x (64 + 32 + 32)
-    extra = 2 * (64 + 64 * 64 + 4 + 2 + 4 * (64 + 32 + 32))
+    # per linear layer (2): out_norm 4x16, wg 64x64, log scales 4 + 2, kernels 4 x (64 + 32 + 32),
+    # log decay rates 2
+    extra = 2 * (64 + 64 * 64 + 4 + 2 + 4 * (64 + 32 + 32) + 2)
     assert model.parameter_counts()["linear_attention"] == base.parameter_counts()["linear_attention"] + extra
     args = model.model_args
     n0, f0 = base.model_args.get_nparams_and_flops(base, 64)
@@ -242,3 +248,24 @@ def test_all_options_on_the_triton_path_compiled_bf16():
         assert (got - reference).norm() / reference.norm() < 2e-2
     F.cross_entropy(compiled.flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_decay_is_a_decayed_normalised_state():
+    """The bias a·s on the keys is a decay γ = exp(−a) of the state: o_t = Σ_d p_t[d] ·
+    Σ_{s≤t} γ^(t−s) exp(k_s[d]) v_s / Σ_{s≤t} γ^(t−s) exp(k_s[d]), written out here per (t, s);
+    and the rates start at RetNet's γ_h = 1 − 2^(−5−h)."""
+    from titan_linear.models.hybrid.linear_options import decayed_keys, initial_log_decay
+
+    gamma = 1 - torch.exp(-torch.exp(initial_log_decay(3)).double())
+    torch.testing.assert_close(gamma, torch.tensor([2.0**-5, 2.0**-6, 2.0**-7], dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 30, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    log_decay = torch.tensor([-1.0, -4.0], dtype=torch.float64)
+    got = efficient_attention(q, decayed_keys(k, log_decay, start=7).double(), v)
+    a = torch.exp(log_decay)
+    t, s = torch.arange(30.0)[:, None], torch.arange(30.0)[None, :]
+    w = torch.exp(-a[:, None, None] * (t - s)).masked_fill(s > t, 0.0)  # (heads, t, s)
+    num = torch.einsum("hts,hsd,hse->htde", w, torch.exp(k[0]), v[0])
+    den = torch.einsum("hts,hsd->htd", w, torch.exp(k[0]))
+    want = torch.einsum("htd,htde->hte", torch.softmax(q[0], -1), num / den[..., None])
+    torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-6)

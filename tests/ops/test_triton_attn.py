@@ -99,6 +99,28 @@ def _split_override_errors() -> dict:
     return {name: ((got - ref).norm() / ref.norm()).item() for name, ref, got in zip(("o", "dq", "dk", "dv"), *results)}
 
 
+def _decay_errors() -> dict:
+    """bf16 q and v with fp32 keys that carry the decay's bias a · s (models/hybrid/linear_options.py),
+    s from 20,000 on, as when decoding far into a text: the mixed dtypes the decay gives the kernels."""
+    from titan_linear.ops.efficient_attn import efficient_attention_quadratic, efficient_attention_triton
+
+    g = torch.Generator().manual_seed(9)
+    q, k, v, do = (torch.randn(1, 2, 300, 16, generator=g, dtype=torch.float64) for _ in range(4))
+    rates = torch.tensor([0.05, 0.002], dtype=torch.float64)
+    k = k + rates[:, None, None] * (20_000 + torch.arange(300, dtype=torch.float64))[:, None]
+    q, v, do = (x.to(torch.bfloat16).double() for x in (q, v, do))
+    k = k.float().double()
+    results = []
+    for fn, dts in ((efficient_attention_quadratic, (torch.float64,) * 3),
+                    (efficient_attention_triton, (torch.bfloat16, torch.float32, torch.bfloat16))):
+        leaves = [x.to(dt).requires_grad_() for x, dt in zip((q, k, v), dts)]
+        out = fn(*leaves)
+        grads = torch.autograd.grad(out, leaves, do.to(out.dtype))
+        results.append([x.detach().double() for x in (out, *grads)])
+    assert results[1][2].shape == k.shape
+    return {name: ((got - ref).norm() / ref.norm()).item() for name, ref, got in zip(("o", "dq", "dk", "dv"), *results)}
+
+
 # Ordinary keys with the same-sub-chunk block forced onto its exact per-key loop
 # (override(span=-1)); CASES at ordinary scale take the tensor-core products.
 EXACT_CASE = (1, 4, 2, 150, 16, 1.0)
@@ -172,6 +194,21 @@ def test_efficient_attention_triton_interpreted_bf16_path_matches_quadratic():
     cases = [(1, 4, 2, 300, 16, 1.0, "bfloat16"), (1, 2, 1, 300, 16, 1.0, "bfloat16", "cpu", 16.0)]
     for errors in _interpret(cases, prec="bf16sim", chunk=128):
         assert all(e < 3e-2 for e in errors.values()), errors
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/ops/test_gpu.py runs the compiled kernels")
+def test_efficient_attention_triton_interpreted_fp32_keys_beside_bf16():
+    """The decay's inputs: fp32 keys with a bias of 40 to 1,015 (a · s at positions 20,000 on)
+    beside bf16 q and v; the Triton path takes them (supports) and matches the fp64 reference."""
+    from titan_linear.ops.efficient_attn.triton_op import supports
+
+    pytest.importorskip("triton")
+    x = torch.empty(1, 1, 4, 16, dtype=torch.bfloat16)
+    assert supports(x, x.float(), x) and not supports(x, x.half(), x)
+    (errors,) = _interpret(["decay"], prec="bf16sim", chunk=128)
+    # 1.1e-2 here, as for the same inputs without the bias (the bf16 path's rounding); keys
+    # rounded to bf16 at these positions would be off by a step of 8.
+    assert all(e < 2e-2 for e in errors.values()), errors
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/ops/test_gpu.py runs the compiled kernels")

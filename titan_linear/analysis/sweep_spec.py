@@ -75,6 +75,7 @@ LABELS = {
     "model.linear_attn_output_norm": "norm",
     "model.linear_attn_output_gate": "gate",
     "model.linear_attn_short_conv": "conv",
+    "model.linear_attn_decay": "decay",
     SEED_KEY: "seed",
 }
 

@@ -42,7 +42,7 @@ CODE_FILES = (
     (os.path.join(HERE, "..", "models", "hybrid", "linear_options.py"), "linear_options.py"),
 )
 OPTION_KEYS = ("linear_attn_temperature", "linear_attn_learned_temperature", "linear_attn_output_norm",
-               "linear_attn_output_gate", "linear_attn_short_conv")
+               "linear_attn_output_gate", "linear_attn_short_conv", "linear_attn_decay")
 HF_PROJ = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj"}
 
 

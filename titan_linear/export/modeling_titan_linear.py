@@ -26,9 +26,9 @@ from .configuration_titan_linear import TitanLinearConfig
 
 try:  # an exported folder: the op's files sit beside this one
     from .chunk import efficient_attention_chunked
-    from .linear_options import HeadRMSNorm, ShortConv
+    from .linear_options import decayed_keys, HeadRMSNorm, initial_log_decay, ShortConv
 except ImportError:  # the titan_linear package
-    from titan_linear.models.hybrid.linear_options import HeadRMSNorm, ShortConv
+    from titan_linear.models.hybrid.linear_options import decayed_keys, HeadRMSNorm, initial_log_decay, ShortConv
     from titan_linear.ops.efficient_attn.chunk import efficient_attention_chunked
 
 
@@ -62,6 +62,7 @@ class TitanLinearAttention(nn.Module):
         self.short_conv = ShortConv((n_heads * hd, n_kv * hd, n_kv * hd), k) if k else None
         self.out_norm = HeadRMSNorm(n_heads, hd, config.rms_norm_eps) if config.linear_attn_output_norm else None
         self.g_proj = nn.Linear(config.hidden_size, n_heads * hd, bias=False) if config.linear_attn_output_gate else None
+        self.k_log_decay = nn.Parameter(initial_log_decay(n_kv)) if config.linear_attn_decay else None
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
         """hidden_states (bs, seqlen, hidden) -> (output of the same shape, None); position
@@ -76,6 +77,8 @@ class TitanLinearAttention(nn.Module):
             k = k * torch.exp(self.k_log_scale).to(k.dtype)[:, None, None]
         elif self.feature_scale != 1.0:
             q, k = q * self.feature_scale, k * self.feature_scale
+        if self.k_log_decay is not None:
+            k = decayed_keys(k, self.k_log_decay)
         out = efficient_attention_chunked(q, k, v)  # (bs, n_heads, seqlen, head_dim)
         if self.out_norm is not None:
             out = self.out_norm(out)
@@ -94,6 +97,9 @@ class TitanLinearPreTrainedModel(LlamaPreTrainedModel):
         if isinstance(module, TitanLinearAttention) and module.learned_temperature:
             nn.init.constant_(module.q_log_scale, math.log(module.feature_scale))
             nn.init.constant_(module.k_log_scale, math.log(module.feature_scale))
+        if isinstance(module, TitanLinearAttention) and module.k_log_decay is not None:
+            with torch.no_grad():
+                module.k_log_decay.copy_(initial_log_decay(module.k_log_decay.shape[0]))
         elif isinstance(module, ShortConv):
             module.init_weights(self.config.initializer_range)
         elif isinstance(module, HeadRMSNorm):

@@ -40,7 +40,7 @@ def _softmax_attention_step(attn: nn.Module, x, cache: KVCache, pos: int, freqs_
 
 
 def _linear_attention_step(attn: nn.Module, x, caches: Caches, name: str) -> torch.Tensor:
-    xq, xk, xv, conv = attn.project(x, caches.conv.get(name))
+    xq, xk, xv, conv = attn.project(x, caches.conv.get(name), start=caches.length)
     out, caches.layers[name] = efficient_attention_step(xq, xk, xv, caches.layers[name])
     if conv is not None:
         caches.conv[name] = conv

@@ -64,8 +64,8 @@ def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, filled:
     return out.reshape(bs, n_kv, rows, d)
 
 
-def _linear_attention(attn: nn.Module, x, state: RecurrentState, conv_state):
-    xq, xk, xv, new_conv = attn.project(x, conv_state)
+def _linear_attention(attn: nn.Module, x, state: RecurrentState, conv_state, pos: torch.Tensor):
+    xq, xk, xv, new_conv = attn.project(x, conv_state, start=pos)
     out, new = efficient_attention_step(xq, xk, xv, state)
     state.S.copy_(new.S)
     state.z.copy_(new.z)
@@ -92,7 +92,7 @@ def static_decode_step(model: nn.Module, token: torch.Tensor, caches: Caches, po
 
     def attend(name, block, x):
         if is_linear(block):
-            return _linear_attention(block.attention, x, caches.layers[name], caches.conv.get(name))
+            return _linear_attention(block.attention, x, caches.layers[name], caches.conv.get(name), pos)
         return _softmax_attention(block.attention, x, caches.layers[name], pos, filled, model.freqs_cis)
 
     return through_blocks(model, token, attend)

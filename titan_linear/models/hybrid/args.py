@@ -24,7 +24,8 @@ def linear_options_from(m) -> dict:
     if not is_number(temp) or not math.isfinite(temp) or temp <= 0:
         raise bad_value("model.linear_attn_temperature", temp, "a finite number > 0 (1.0 is off)")
     out["linear_attn_temperature"] = float(temp)
-    for key in ("linear_attn_learned_temperature", "linear_attn_output_norm", "linear_attn_output_gate"):
+    for key in ("linear_attn_learned_temperature", "linear_attn_output_norm", "linear_attn_output_gate",
+                "linear_attn_decay"):
         value = getattr(m, key, False)
         if not isinstance(value, bool):
             raise bad_value(f"model.{key}", value, "true or false")
@@ -50,6 +51,7 @@ class HybridModelArgs(TransformerModelArgs):
     linear_attn_output_norm: bool = False
     linear_attn_output_gate: bool = False
     linear_attn_short_conv: int = 0
+    linear_attn_decay: bool = False
 
     @property
     def head_dim(self) -> int:

@@ -4,7 +4,7 @@ Each is a `[model]` key, off by default; off, it creates no parameter and runs n
 default layer is the seed's formula bit for bit. All of them sit outside the efficient-attention
 op (the Triton kernels are unchanged):
 
-    x ─ wq/wk/wv ─ ShortConv ─ feature scale ─ efficient_attention ─ HeadRMSNorm ─ · sigmoid(wg x) ─ wo
+    x ─ wq/wk/wv ─ ShortConv ─ feature scale ─ key decay ─ efficient_attention ─ HeadRMSNorm ─ · sigmoid(wg x) ─ wo
 
 Tensor parallel shards the heads: inside the layer every tensor holds this rank's heads only.
 The per-head parameters here are sharded with them (dim 0, `shard_linear_options` in
@@ -15,10 +15,10 @@ alone, whose unsharded parameters are plain tensors) it is the parameter itself.
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import distribute_tensor, DTensor
 
 # TP shards these parameters along dim 0 with the heads (see shard_linear_options).
-HEAD_SHARDED = ("q_log_scale", "k_log_scale", "out_norm.weight",
+HEAD_SHARDED = ("q_log_scale", "k_log_scale", "k_log_decay", "out_norm.weight",
                 "short_conv.q_weight", "short_conv.k_weight", "short_conv.v_weight")
 
 ConvState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -27,6 +27,43 @@ ConvState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def local(p: torch.Tensor) -> torch.Tensor:
     """This rank's part of a parameter sharded with the heads (the parameter itself without TP)."""
     return p.to_local() if isinstance(p, DTensor) else p
+
+
+def fill(p: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy the full tensor `value` into the parameter p, plain or sharded (TP, FSDP): a DTensor
+    takes the part its placements give this rank. Every rank computes the same value."""
+    with torch.no_grad():
+        value = value.to(device=p.device, dtype=p.dtype)
+        if isinstance(p, DTensor):
+            value = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
+        p.copy_(value)
+
+
+def initial_log_decay(n_kv_heads: int) -> torch.Tensor:
+    """log a_h for kv head h: a_h = −log(1 − 2^(−5−h)), RetNet's multi-scale decays γ_h = 1 − 2^(−5−h)
+    (half-lives of 22 tokens for head 0, doubling per head)."""
+    gamma = 1.0 - 2.0 ** (-5.0 - torch.arange(n_kv_heads, dtype=torch.float64))
+    return torch.log(-torch.log(gamma)).float()
+
+
+def decayed_keys(k: torch.Tensor, log_decay: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+    """The keys with the decay's bias a_h · s added, in fp32 (fp64 stays fp64; docs/attention.md, "Decay").
+
+    The causal softmax over positions turns the bias into a decay of the state: the weight of key s
+    at position t, exp(k_s + a s) / Σ_{s'≤t} exp(k_s' + a s'), equals exp(k_s) γ^(t−s) /
+    Σ_{s'≤t} exp(k_s') γ^(t−s') with γ = exp(−a), since the factor exp(a t) cancels. So the op itself
+    is unchanged (the Triton kernels take fp32 keys); fp32 because a · s grows with the position,
+    and bf16 would round it to a step of 2 beyond s · a = 256.
+
+    Args:
+        k: (bs, kv_heads, seqlen, head_dim), this rank's kv heads.
+        log_decay: (kv_heads,) log a_h (sharded with the heads under TP: `local`).
+        start: the position of the first row (decoding passes the cache length; a tensor is allowed).
+    """
+    dtype = torch.promote_types(k.dtype, torch.float32)
+    pos = torch.arange(k.shape[2], device=k.device, dtype=dtype) + start
+    rate = torch.exp(local(log_decay).to(dtype))
+    return k.to(dtype) + rate[:, None, None] * pos[:, None]
 
 
 class ShortConv(nn.Module):

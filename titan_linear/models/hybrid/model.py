@@ -26,7 +26,7 @@ from titan_linear.ops.efficient_attn import efficient_attention
 from titan_linear.models.maps import check_maps
 
 from .args import HybridModelArgs
-from .linear_options import ConvState, HeadRMSNorm, local, ShortConv
+from .linear_options import ConvState, decayed_keys, fill, HeadRMSNorm, initial_log_decay, local, ShortConv
 
 
 def component_of(name: str) -> str:
@@ -60,7 +60,7 @@ class LinearAttention(Attention):
     """Causal efficient attention with llama3's projections (no RoPE, see module docstring).
 
     The options of the layer (`linear_attn_temperature`, `_learned_temperature`, `_output_norm`,
-    `_output_gate`, `_short_conv`; linear_options.py, docs/attention.md) wrap the op: `project`
+    `_output_gate`, `_short_conv`, `_decay`; linear_options.py, docs/attention.md) wrap the op: `project`
     makes the op's q, k, v from the block input, `mix_output` treats its output before `wo`.
     Decoding (titan_linear/inference/decode.py) calls the same two methods, so it cannot drift
     from the parallel forward. With every option off neither adds a parameter or an op.
@@ -83,6 +83,8 @@ class LinearAttention(Attention):
         self.short_conv = ShortConv((self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd), k) if k else None
         self.out_norm = HeadRMSNorm(self.n_heads, hd, model_args.norm_eps) if model_args.linear_attn_output_norm else None
         self.wg = nn.Linear(model_args.dim, self.n_heads * hd, bias=False) if model_args.linear_attn_output_gate else None
+        # log of the decay rate a per kv head: positive whatever the optimizer does
+        self.k_log_decay = nn.Parameter(torch.empty(self.n_kv_heads)) if model_args.linear_attn_decay else None
 
     def init_weights(self, init_std: float):
         super().init_weights(init_std)
@@ -95,11 +97,14 @@ class LinearAttention(Attention):
             self.out_norm.init_weights()
         if self.wg is not None:
             nn.init.trunc_normal_(self.wg.weight, mean=0.0, std=0.02)
+        if self.k_log_decay is not None:
+            fill(self.k_log_decay, initial_log_decay(self.n_kv_heads))
 
-    def project(self, x: torch.Tensor, conv_state: ConvState | None = None):
+    def project(self, x: torch.Tensor, conv_state: ConvState | None = None, start: int | torch.Tensor = 0):
         """q, k, v as the op takes them, (bs, heads, seqlen, head_dim), from the block input x
-        (bs, seqlen, dim), after the short convolution and the feature scale; and the
-        convolution's state after x (None without it). conv_state: that state before x."""
+        (bs, seqlen, dim), after the short convolution, the feature scale and the decay's bias on
+        the keys (then fp32); and the convolution's state after x (None without it).
+        conv_state: that state before x; start: the position of x's first row (decoding)."""
         bs, seqlen, _ = x.shape
         xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
         new_state = None
@@ -114,6 +119,8 @@ class LinearAttention(Attention):
             xk = xk * torch.exp(local(self.k_log_scale)).to(xk.dtype)[:, None, None]
         elif self.feature_scale != 1.0:
             xq, xk = xq * self.feature_scale, xk * self.feature_scale
+        if self.k_log_decay is not None:
+            xk = decayed_keys(xk, self.k_log_decay, start)
         return xq, xk, xv, new_state
 
     def mix_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

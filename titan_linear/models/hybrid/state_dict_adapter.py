@@ -37,6 +37,7 @@ from torchtitan.tools.logging import logger
 OPTION_NAMES = {
     "attention.q_log_scale": "self_attn.q_log_scale",
     "attention.k_log_scale": "self_attn.k_log_scale",
+    "attention.k_log_decay": "self_attn.k_log_decay",
     "attention.short_conv.q_weight": "self_attn.short_conv.q_weight",
     "attention.short_conv.k_weight": "self_attn.short_conv.k_weight",
     "attention.short_conv.v_weight": "self_attn.short_conv.v_weight",

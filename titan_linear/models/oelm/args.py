@@ -34,7 +34,7 @@ class OELMModelArgs(HybridModelArgs):
     # The options of the linear layers are the hybrid's only: OELM compares the seed's layers.
     FOREIGN_KEYS = {k: "llama3_mixed" for k in (
         "linear_attn_temperature", "linear_attn_learned_temperature", "linear_attn_output_norm",
-        "linear_attn_output_gate", "linear_attn_short_conv")}
+        "linear_attn_output_gate", "linear_attn_short_conv", "linear_attn_decay")}
 
     oelm_freeze: str = "qk"
     freeze_ratio: float = 1.0

@@ -21,9 +21,11 @@ from .triton_tuning import HEAD_DIMS, LaunchConfig, launch_config
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the Triton path takes these inputs (the caller falls back to chunk.py if not)."""
+    # fp32 keys beside bf16 / fp16 q and v: the decay's keys (models/hybrid/linear_options.py);
+    # the kernels read every key as fp32 anyway.
     return (
         q.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and k.dtype == q.dtype
+        and k.dtype in (q.dtype, torch.float32)
         and v.dtype == q.dtype
         and q.shape[-1] in HEAD_DIMS
         and v.shape[-1] in HEAD_DIMS
