@@ -96,6 +96,17 @@ def test_convert_layer_map_not_a_boolean_in_toml(tmp_path, capsys):
     assert "checkpoint.initial_load_convert_layer_map = 'false'" in err and "true or false" in err
 
 
+@pytest.mark.parametrize("key", ["stop_on_nonfinite", "stop_on_nonfinite_loss"])
+def test_monitor_switch_not_a_boolean_in_toml(tmp_path, capsys, key):
+    """The same for the [monitor] switches (a "false" string used to keep the stops on)."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(open(DEBUG).read() + f'\n[monitor]\n{key} = "false"\n')
+    rc = launch.main(["check", "--job.config_file", str(bad)])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1, err
+    assert f"monitor.{key} = 'false'" in err and "true or false" in err
+
+
 def test_unknown_toml_key_is_rejected(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text(open(DEBUG).read().replace("[model]\n", "[model]\nlinear_atn_ratio = 0.5\n"))

@@ -42,10 +42,15 @@ class NonFiniteLossError(NonFiniteError):
 def check_monitor_config(cfg) -> list[str]:
     """Check the [monitor] keys; apply the deprecated spelling; return deprecation lines."""
     notes = []
+    # TOML strings ("false") would be truthy: only real booleans are taken.
+    for key in ("stop_on_nonfinite", "stop_on_nonfinite_loss"):
+        value = getattr(cfg, key)
+        if not isinstance(value, bool) and not (key == "stop_on_nonfinite_loss" and value is None):
+            raise bad_value(f"monitor.{key}", value, "true or false")
     if cfg.stop_on_nonfinite_loss is not None:
         notes.append("titan_linear: monitor.stop_on_nonfinite_loss is deprecated: use monitor.stop_on_nonfinite "
                      f"(set to {cfg.stop_on_nonfinite_loss} for this run)")
-        cfg.stop_on_nonfinite, cfg.stop_on_nonfinite_loss = bool(cfg.stop_on_nonfinite_loss), None
+        cfg.stop_on_nonfinite, cfg.stop_on_nonfinite_loss = cfg.stop_on_nonfinite_loss, None
     warn = cfg.grad_norm_warn
     if not is_number(warn) or not warn > 0:
         raise bad_value("monitor.grad_norm_warn", warn, "a number > 0")
