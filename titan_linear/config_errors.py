@@ -14,6 +14,14 @@ def bad_value(key: str, value, allowed: str) -> ConfigError:
     return ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
 
 
+def checked_bool(key: str, value) -> bool:
+    """`value` if it is a real boolean; else the one-line error. A TOML string ("false") would
+    be truthy, so a switch is never cast with bool()."""
+    if not isinstance(value, bool):
+        raise bad_value(key, value, "true or false")
+    return value
+
+
 def is_number(x) -> bool:
     """An int or float from TOML or the command line; False for bools (a TOML `true` is not 1)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)

@@ -172,10 +172,8 @@ def linear_options(items: list[str]) -> dict:
     from types import SimpleNamespace
 
     from titan_linear.config_errors import ConfigError
-    from titan_linear.models.hybrid.args import linear_options_from
+    from titan_linear.models.hybrid.args import LINEAR_OPTION_DEFAULTS as defaults, linear_options_from
 
-    # The option keys and their types are those of the [model] check, read from its defaults.
-    defaults = linear_options_from(SimpleNamespace())
     raw = {}
     for item in items:
         key, sep, value = item.partition("=")

@@ -41,8 +41,6 @@ CODE_FILES = (
     (os.path.join(HERE, "..", "ops", "efficient_attn", "naive.py"), "naive.py"),
     (os.path.join(HERE, "..", "models", "hybrid", "linear_options.py"), "linear_options.py"),
 )
-OPTION_KEYS = ("linear_attn_temperature", "linear_attn_learned_temperature", "linear_attn_output_norm",
-               "linear_attn_output_gate", "linear_attn_short_conv", "linear_attn_decay")
 HF_PROJ = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj"}
 
 
@@ -91,6 +89,7 @@ def hf_config(loaded, intermediate_size: int):
     from transformers import LlamaConfig
 
     from titan_linear.export.configuration_titan_linear import TitanLinearConfig
+    from titan_linear.models.hybrid.args import LINEAR_OPTION_DEFAULTS
     from titan_linear.models.hybrid.state_dict_adapter import rope_parameters
 
     args, tok = loaded.model_args, loaded.tokenizer
@@ -108,7 +107,8 @@ def hf_config(loaded, intermediate_size: int):
         cfg = LlamaConfig(**common)
         cfg.architectures = ["LlamaForCausalLM"]
     else:
-        cfg = TitanLinearConfig(**common, linear_layers=linear, **{k: getattr(args, k) for k in OPTION_KEYS})
+        options = {k: getattr(args, k) for k in LINEAR_OPTION_DEFAULTS}
+        cfg = TitanLinearConfig(**common, linear_layers=linear, **options)
         cfg.architectures = ["TitanLinearForCausalLM"]
         cfg.auto_map = {"AutoConfig": "configuration_titan_linear.TitanLinearConfig",
                         "AutoModelForCausalLM": "modeling_titan_linear.TitanLinearForCausalLM"}

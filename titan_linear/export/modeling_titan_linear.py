@@ -94,12 +94,13 @@ class TitanLinearPreTrainedModel(LlamaPreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, TitanLinearAttention) and module.learned_temperature:
-            nn.init.constant_(module.q_log_scale, math.log(module.feature_scale))
-            nn.init.constant_(module.k_log_scale, math.log(module.feature_scale))
-        if isinstance(module, TitanLinearAttention) and module.k_log_decay is not None:
-            with torch.no_grad():
-                module.k_log_decay.copy_(initial_log_decay(module.k_log_decay.shape[0]))
+        if isinstance(module, TitanLinearAttention):
+            if module.learned_temperature:
+                nn.init.constant_(module.q_log_scale, math.log(module.feature_scale))
+                nn.init.constant_(module.k_log_scale, math.log(module.feature_scale))
+            if module.k_log_decay is not None:
+                with torch.no_grad():
+                    module.k_log_decay.copy_(initial_log_decay(module.k_log_decay.shape[0]))
         elif isinstance(module, ShortConv):
             module.init_weights(self.config.initializer_range)
         elif isinstance(module, HeadRMSNorm):

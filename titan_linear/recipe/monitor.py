@@ -26,7 +26,7 @@ import torch
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.tools.logging import logger
 
-from titan_linear.config_errors import bad_value, is_number
+from titan_linear.config_errors import bad_value, checked_bool, is_number
 
 _HINT = "lower optimizer.lr, raise lr_scheduler.warmup_steps or training.max_norm, or check the data"
 
@@ -42,12 +42,9 @@ class NonFiniteLossError(NonFiniteError):
 def check_monitor_config(cfg) -> list[str]:
     """Check the [monitor] keys; apply the deprecated spelling; return deprecation lines."""
     notes = []
-    # TOML strings ("false") would be truthy: only real booleans are taken.
-    for key in ("stop_on_nonfinite", "stop_on_nonfinite_loss"):
-        value = getattr(cfg, key)
-        if not isinstance(value, bool) and not (key == "stop_on_nonfinite_loss" and value is None):
-            raise bad_value(f"monitor.{key}", value, "true or false")
+    checked_bool("monitor.stop_on_nonfinite", cfg.stop_on_nonfinite)
     if cfg.stop_on_nonfinite_loss is not None:
+        checked_bool("monitor.stop_on_nonfinite_loss", cfg.stop_on_nonfinite_loss)
         notes.append("titan_linear: monitor.stop_on_nonfinite_loss is deprecated: use monitor.stop_on_nonfinite "
                      f"(set to {cfg.stop_on_nonfinite_loss} for this run)")
         cfg.stop_on_nonfinite, cfg.stop_on_nonfinite_loss = cfg.stop_on_nonfinite_loss, None

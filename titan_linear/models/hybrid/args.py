@@ -10,7 +10,7 @@ from torchtitan.models.llama3.model.args import TransformerModelArgs
 from torchtitan.tools.logging import logger
 
 from titan_linear.config import Model as ModelConfig
-from titan_linear.config_errors import bad_value, ConfigError, is_int, is_number
+from titan_linear.config_errors import bad_value, checked_bool, ConfigError, is_int, is_number
 from titan_linear.models.maps import CONVERT_KEY
 from titan_linear.recipe import check_recipe
 
@@ -26,15 +26,17 @@ def linear_options_from(m) -> dict:
     out["linear_attn_temperature"] = float(temp)
     for key in ("linear_attn_learned_temperature", "linear_attn_output_norm", "linear_attn_output_gate",
                 "linear_attn_decay"):
-        value = getattr(m, key, False)
-        if not isinstance(value, bool):
-            raise bad_value(f"model.{key}", value, "true or false")
-        out[key] = value
+        out[key] = checked_bool(f"model.{key}", getattr(m, key, False))
     conv = getattr(m, "linear_attn_short_conv", 0)
     if not is_int(conv) or not (conv == 0 or 2 <= conv <= 32):
         raise bad_value("model.linear_attn_short_conv", conv, "0 (off) or a kernel size in [2, 32]")
     out["linear_attn_short_conv"] = conv
     return out
+
+
+# The option keys and their defaults (off), read from the check itself: OELM's refusals, the HF
+# export's config fields and `mqar --linear-options` take them from here.
+LINEAR_OPTION_DEFAULTS = linear_options_from(object())
 
 
 @dataclass
@@ -94,9 +96,7 @@ class HybridModelArgs(TransformerModelArgs):
         for note in check_recipe(job_config):
             logger.warning(note)
         # Read only by an initial load (initial_load.py), checked for every run all the same.
-        convert = getattr(job_config.checkpoint, "initial_load_convert_layer_map", False)
-        if not isinstance(convert, bool):
-            raise bad_value(CONVERT_KEY, convert, "true or false")
+        checked_bool(CONVERT_KEY, getattr(job_config.checkpoint, "initial_load_convert_layer_map", False))
         shape = {}
         for key in ("n_layers", "dim", "n_heads", "n_kv_heads", "vocab_size"):
             value = getattr(m, key, 0)

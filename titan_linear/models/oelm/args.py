@@ -7,7 +7,7 @@ import torch
 from torchtitan.config import JobConfig
 
 from titan_linear.config_errors import bad_value, is_number
-from titan_linear.models.hybrid.args import HybridModelArgs
+from titan_linear.models.hybrid.args import HybridModelArgs, LINEAR_OPTION_DEFAULTS
 from titan_linear.models.hybrid.placement import place_layers
 
 # oelm_freeze -> the attention projections (torchtitan's module names) that are fixed.
@@ -32,9 +32,7 @@ class OELMModelArgs(HybridModelArgs):
     """
 
     # The options of the linear layers are the hybrid's only: OELM compares the seed's layers.
-    FOREIGN_KEYS = {k: "llama3_mixed" for k in (
-        "linear_attn_temperature", "linear_attn_learned_temperature", "linear_attn_output_norm",
-        "linear_attn_output_gate", "linear_attn_short_conv", "linear_attn_decay")}
+    FOREIGN_KEYS = {k: "llama3_mixed" for k in LINEAR_OPTION_DEFAULTS}
 
     oelm_freeze: str = "qk"
     freeze_ratio: float = 1.0
