@@ -50,6 +50,11 @@ class Model:
     weighs key s at position t by γ^(t−s). Gives the layers a sense of recency. Off by default.
     docs/attention.md, "Decay"."""
 
+    linear_attn_decay_rates: str = "head"
+    """How many rates the decay learns: "head" (the default), one per kv head; "feature", one per
+    key feature of each kv head, started spread from half-lives of 2 to 2,800 tokens within every
+    head. Only with linear_attn_decay = true. docs/attention.md, "Decay"."""
+
     n_layers: int = 0
     """Override the flavor's number of layers (0 keeps the flavor's)."""
 

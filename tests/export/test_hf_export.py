@@ -50,8 +50,11 @@ def _tokens(seed: int = 0, bs: int = 2, seqlen: int = 37):
 @pytest.mark.parametrize("config,overrides", [
     (DEBUG_TOML, ["--model.linear_attn_ratio", "0.5"]),
     (DEBUG_TOML, ["--model.linear_attn_ratio", "0.5", *OPTIONS]),
+    # a rate per key feature: permuted with wk's rows, so a wrong permutation shows in the logits
+    (DEBUG_TOML, ["--model.linear_attn_ratio", "0.5", "--model.linear_attn_decay",
+                  "--model.linear_attn_decay_rates", "feature"]),
     (OELM_TOML, ["--model.linear_attn_ratio", "0.5"]),
-], ids=["ratio0.5", "ratio0.5-options", "oelm-ratio0.5"])
+], ids=["ratio0.5", "ratio0.5-options", "ratio0.5-decay-per-feature", "oelm-ratio0.5"])
 def test_export_logits_match_torchtitan_model(tmp_path, config, overrides):
     from transformers import AutoModelForCausalLM
 
@@ -67,6 +70,8 @@ def test_export_logits_match_torchtitan_model(tmp_path, config, overrides):
     assert cfg["linear_layers"] == loaded.model_args.linear_layers == [1, 3]
     assert cfg["titan_linear"]["layer_map"] == "SLSL"
     assert cfg["rope_parameters"]["rope_type"] == "llama3"
+    if "feature" in overrides:
+        assert cfg["linear_attn_decay_rates"] == "feature"
     if config == OELM_TOML:
         assert cfg["titan_linear"]["oelm"]["freeze_map"] == "FFFF"
         assert cfg["titan_linear"]["oelm"]["frozen_projections"] == ["q_proj", "k_proj"]

@@ -23,6 +23,8 @@ OPTIONS = {
     "decay": {"linear_attn_decay": True},
 }
 OPTIONS["all"] = {k: v for opts in OPTIONS.values() for k, v in opts.items()}
+# Not in "all" (which keeps one rate per kv head): the decay with a rate per key feature.
+OPTIONS["decay_per_feature"] = {"linear_attn_decay": True, "linear_attn_decay_rates": "feature"}
 
 NEW_PARAMS = {
     "temperature": set(),
@@ -31,6 +33,7 @@ NEW_PARAMS = {
     "output_gate": {"wg.weight"},
     "short_conv": {"short_conv.q_weight", "short_conv.k_weight", "short_conv.v_weight"},
     "decay": {"k_log_decay"},
+    "decay_per_feature": {"k_log_decay"},
 }
 
 
@@ -74,7 +77,7 @@ def test_option_changes_output_and_adds_its_parameters(name):
     assert not torch.allclose(model(tokens), base(tokens), atol=1e-4)
     attn = model.layers["0"].attention
     new = {n for n, _ in attn.named_parameters()} - {n for n, _ in base.layers["0"].attention.named_parameters()}
-    wanted = set().union(*NEW_PARAMS.values()) if name == "all" else NEW_PARAMS[name]
+    wanted = set().union(*(NEW_PARAMS[n] for n in OPTIONS if n != "all")) if name == "all" else NEW_PARAMS[name]
     assert new == wanted
     # softmax layers are untouched; the new weights are initialised, the same for the same seed
     assert {n for n, _ in model.layers["1"].named_parameters()} == {n for n, _ in base.layers["1"].named_parameters()}
@@ -182,6 +185,10 @@ BAD = [
     ("linear_attn_short_conv", "1", "model.linear_attn_short_conv = 1 is not allowed"),
     ("linear_attn_short_conv", "-4", "model.linear_attn_short_conv = -4 is not allowed"),
     ("linear_attn_short_conv", "33", "model.linear_attn_short_conv = 33 is not allowed"),
+    ("linear_attn_decay_rates", "channel",
+     "model.linear_attn_decay_rates = 'channel' is not allowed: one of head, feature"),
+    ("linear_attn_decay_rates", "feature",
+     "model.linear_attn_decay_rates = 'feature' is not allowed: 'head' (the default) unless model.linear_attn_decay = true"),
 ]
 
 
@@ -269,3 +276,29 @@ def test_decay_is_a_decayed_normalised_state():
     den = torch.einsum("hts,hsd->htd", w, torch.exp(k[0]))
     want = torch.einsum("htd,htde->hte", torch.softmax(q[0], -1), num / den[..., None])
     torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_decay_per_feature_decays_each_feature_at_its_rate():
+    """With a rate per key feature (linear_attn_decay_rates = "feature") feature d of kv head h
+    decays at its own γ = exp(−a[h, d]), written out per (t, s, d); the rates start spread from
+    γ = 1 − 2^−2 to 1 − 2^−12 within every head; one 1-D parameter (no weight decay) of
+    kv heads × head dim rates."""
+    from titan_linear.models.hybrid.linear_options import decayed_keys, initial_log_decay
+
+    gamma = 1 - torch.exp(-torch.exp(initial_log_decay(2, 11, "feature")).double())
+    torch.testing.assert_close(gamma, (2.0 ** -torch.arange(2.0, 13.0, dtype=torch.float64)).repeat(2))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 30, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    log_decay = torch.linspace(-5.0, 0.5, 16, dtype=torch.float64)
+    got = efficient_attention(q, decayed_keys(k, log_decay, start=3).double(), v)
+    a = torch.exp(log_decay).view(2, 1, 1, 8)
+    t, s = torch.arange(30.0)[:, None, None], torch.arange(30.0)[None, :, None]
+    w = torch.exp(-a * (t - s)).masked_fill(s > t, 0.0)  # (heads, t, s, d)
+    num = torch.einsum("htsd,hsd,hse->htde", w, torch.exp(k[0]), v[0])
+    den = torch.einsum("htsd,hsd->htd", w, torch.exp(k[0]))
+    want = torch.einsum("htd,htde->hte", torch.softmax(q[0], -1), num / den[..., None])
+    torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-6)
+    model = _model(**OPTIONS["decay_per_feature"])
+    p = model.layers["0"].attention.k_log_decay
+    assert p.shape == (2 * 16,) and no_decay("layers.0.attention.k_log_decay", p)
+

@@ -60,7 +60,7 @@ TOP_KEYS = ("base", "out", "prefix", "fixed", "grid", "runs", "eval", "slurm")
 EVAL_KEYS = ("factors", "max_tokens")
 SLURM_KEYS = ("options",)
 # Option keys whose value switches the option off: such a value shows in no name.
-OFF_VALUES = {"model.linear_attn_short_conv": 0}
+OFF_VALUES = {"model.linear_attn_short_conv": 0, "model.linear_attn_decay_rates": "head"}
 # How a key shows in run names; other keys show as their last part (`lr0.0008`).
 LABELS = {
     "model.linear_attn_ratio": "ratio",
@@ -76,6 +76,7 @@ LABELS = {
     "model.linear_attn_output_gate": "gate",
     "model.linear_attn_short_conv": "conv",
     "model.linear_attn_decay": "decay",
+    "model.linear_attn_decay_rates": "rates-",
     SEED_KEY: "seed",
 }
 

@@ -6,8 +6,8 @@ nothing from titan_linear. The llama fields mean what they mean for `LlamaConfig
 - `linear_layers`: indices of the layers that use causal efficient attention (no RoPE); the
   others are Llama's softmax attention with RoPE.
 - `linear_attn_temperature`, `linear_attn_learned_temperature`, `linear_attn_output_norm`,
-  `linear_attn_output_gate`, `linear_attn_short_conv`, `linear_attn_decay`: the linear layers' options, as the
-  `[model]` keys of the training TOML (titan_linear docs/attention.md).
+  `linear_attn_output_gate`, `linear_attn_short_conv`, `linear_attn_decay`, `linear_attn_decay_rates`: the
+  linear layers' options, as the `[model]` keys of the training TOML (titan_linear docs/attention.md).
 - `titan_linear`: where the export came from (layer map string, model name, flavor, the OELM
   freeze map where there is one); a record, not read by the model.
 """
@@ -25,6 +25,7 @@ class TitanLinearConfig(LlamaConfig):
     linear_attn_output_gate: bool = False
     linear_attn_short_conv: int = 0
     linear_attn_decay: bool = False
+    linear_attn_decay_rates: str = "head"
     titan_linear: dict | None = None
 
     def __post_init__(self, **kwargs):

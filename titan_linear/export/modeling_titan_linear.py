@@ -49,6 +49,7 @@ class TitanLinearAttention(nn.Module):
         self.layer_idx = layer_idx
         self.head_dim = hd = config.head_dim
         n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+        self.n_kv_heads = n_kv
         self.q_proj = nn.Linear(config.hidden_size, n_heads * hd, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, n_kv * hd, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, n_kv * hd, bias=False)
@@ -62,7 +63,9 @@ class TitanLinearAttention(nn.Module):
         self.short_conv = ShortConv((n_heads * hd, n_kv * hd, n_kv * hd), k) if k else None
         self.out_norm = HeadRMSNorm(n_heads, hd, config.rms_norm_eps) if config.linear_attn_output_norm else None
         self.g_proj = nn.Linear(config.hidden_size, n_heads * hd, bias=False) if config.linear_attn_output_gate else None
-        self.k_log_decay = nn.Parameter(initial_log_decay(n_kv)) if config.linear_attn_decay else None
+        self.decay_rates = getattr(config, "linear_attn_decay_rates", "head")
+        self.k_log_decay = (nn.Parameter(initial_log_decay(n_kv, hd, self.decay_rates))
+                            if config.linear_attn_decay else None)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
         """hidden_states (bs, seqlen, hidden) -> (output of the same shape, None); position
@@ -100,7 +103,8 @@ class TitanLinearPreTrainedModel(LlamaPreTrainedModel):
                 nn.init.constant_(module.k_log_scale, math.log(module.feature_scale))
             if module.k_log_decay is not None:
                 with torch.no_grad():
-                    module.k_log_decay.copy_(initial_log_decay(module.k_log_decay.shape[0]))
+                    module.k_log_decay.copy_(initial_log_decay(
+                        module.n_kv_heads, module.head_dim, module.decay_rates))
         elif isinstance(module, ShortConv):
             module.init_weights(self.config.initializer_range)
         elif isinstance(module, HeadRMSNorm):

@@ -14,6 +14,7 @@ from titan_linear.config_errors import bad_value, checked_bool, ConfigError, is_
 from titan_linear.models.maps import CONVERT_KEY
 from titan_linear.recipe import check_recipe
 
+from .linear_options import DECAY_RATES
 from .placement import layer_map_string, place_layers, PLACEMENTS
 
 
@@ -31,6 +32,13 @@ def linear_options_from(m) -> dict:
     if not is_int(conv) or not (conv == 0 or 2 <= conv <= 32):
         raise bad_value("model.linear_attn_short_conv", conv, "0 (off) or a kernel size in [2, 32]")
     out["linear_attn_short_conv"] = conv
+    rates = getattr(m, "linear_attn_decay_rates", "head")
+    if rates not in DECAY_RATES:
+        raise bad_value("model.linear_attn_decay_rates", rates, f"one of {', '.join(DECAY_RATES)}")
+    if rates != "head" and not out["linear_attn_decay"]:
+        raise bad_value("model.linear_attn_decay_rates", rates,
+                        "'head' (the default) unless model.linear_attn_decay = true: the rates are the decay's")
+    out["linear_attn_decay_rates"] = rates
     return out
 
 
@@ -54,6 +62,7 @@ class HybridModelArgs(TransformerModelArgs):
     linear_attn_output_gate: bool = False
     linear_attn_short_conv: int = 0
     linear_attn_decay: bool = False
+    linear_attn_decay_rates: str = "head"
 
     @property
     def head_dim(self) -> int:

@@ -39,31 +39,47 @@ def fill(p: torch.Tensor, value: torch.Tensor) -> None:
         p.copy_(value)
 
 
-def initial_log_decay(n_kv_heads: int) -> torch.Tensor:
-    """log a_h for kv head h: a_h = −log(1 − 2^(−5−h)), RetNet's multi-scale decays γ_h = 1 − 2^(−5−h)
-    (half-lives of 22 tokens for head 0, doubling per head)."""
-    gamma = 1.0 - 2.0 ** (-5.0 - torch.arange(n_kv_heads, dtype=torch.float64))
+DECAY_RATES = ("head", "feature")
+
+
+def initial_log_decay(n_kv_heads: int, head_dim: int = 1, rates: str = "head") -> torch.Tensor:
+    """log a of the decay's rates, the parameter `k_log_decay` at its start (docs/attention.md, "Decay").
+
+    rates "head": one rate per kv head, RetNet's multi-scale decays γ_h = 1 − 2^(−5−h) (half-lives
+    of 22 tokens for head 0, doubling per head); shape (n_kv_heads,).
+    rates "feature": one rate per key feature of each kv head, γ = 1 − 2^(−e) with e spread evenly
+    from 2 to 12 over a head's features (half-lives from 2.4 to 2,800 tokens), the same range in
+    every head, so each head holds both recent and distant tokens; shape (n_kv_heads · head_dim,),
+    flat so that it is a 1-D parameter like the others (no weight decay; TP shards it with the
+    heads along dim 0)."""
+    if rates == "head":
+        e = 5.0 + torch.arange(n_kv_heads, dtype=torch.float64)
+    else:
+        e = torch.linspace(2.0, 12.0, head_dim, dtype=torch.float64).repeat(n_kv_heads)
+    gamma = 1.0 - 2.0 ** (-e)
     return torch.log(-torch.log(gamma)).float()
 
 
 def decayed_keys(k: torch.Tensor, log_decay: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
-    """The keys with the decay's bias a_h · s added, in fp32 (fp64 stays fp64; docs/attention.md, "Decay").
+    """The keys with the decay's bias a · s added, in fp32 (fp64 stays fp64; docs/attention.md, "Decay").
 
     The causal softmax over positions turns the bias into a decay of the state: the weight of key s
     at position t, exp(k_s + a s) / Σ_{s'≤t} exp(k_s' + a s'), equals exp(k_s) γ^(t−s) /
-    Σ_{s'≤t} exp(k_s') γ^(t−s') with γ = exp(−a), since the factor exp(a t) cancels. So the op itself
-    is unchanged (the Triton kernels take fp32 keys); fp32 because a · s grows with the position,
-    and bf16 would round it to a step of 2 beyond s · a = 256.
+    Σ_{s'≤t} exp(k_s') γ^(t−s') with γ = exp(−a), since the factor exp(a t) cancels. The softmax is
+    taken per feature, so a rate per feature (rates "feature") decays each feature's column of the
+    state at its own pace by the same argument. So the op itself is unchanged (the Triton kernels
+    take fp32 keys); fp32 because a · s grows with the position, and bf16 would round it to a step
+    of 2 beyond s · a = 256.
 
     Args:
         k: (bs, kv_heads, seqlen, head_dim), this rank's kv heads.
-        log_decay: (kv_heads,) log a_h (sharded with the heads under TP: `local`).
+        log_decay: log a, (kv_heads,) or (kv_heads · head_dim,) (sharded with the heads under TP: `local`).
         start: the position of the first row (decoding passes the cache length; a tensor is allowed).
     """
     dtype = torch.promote_types(k.dtype, torch.float32)
     pos = torch.arange(k.shape[2], device=k.device, dtype=dtype) + start
-    rate = torch.exp(local(log_decay).to(dtype))
-    return k.to(dtype) + rate[:, None, None] * pos[:, None]
+    rate = torch.exp(local(log_decay).to(dtype)).view(k.shape[1], 1, -1)  # (heads, 1, 1 or head_dim)
+    return k.to(dtype) + rate * pos[:, None]
 
 
 class ShortConv(nn.Module):

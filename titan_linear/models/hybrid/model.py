@@ -60,8 +60,8 @@ class LinearAttention(Attention):
     """Causal efficient attention with llama3's projections (no RoPE, see module docstring).
 
     The options of the layer (`linear_attn_temperature`, `_learned_temperature`, `_output_norm`,
-    `_output_gate`, `_short_conv`, `_decay`; linear_options.py, docs/attention.md) wrap the op: `project`
-    makes the op's q, k, v from the block input, `mix_output` treats its output before `wo`.
+    `_output_gate`, `_short_conv`, `_decay`, `_decay_rates`; linear_options.py, docs/attention.md)
+    wrap the op: `project` makes the op's q, k, v from the block input, `mix_output` treats its output before `wo`.
     Decoding (titan_linear/inference/decode.py) calls the same two methods, so it cannot drift
     from the parallel forward. With every option off neither adds a parameter or an op.
 
@@ -83,8 +83,10 @@ class LinearAttention(Attention):
         self.short_conv = ShortConv((self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd), k) if k else None
         self.out_norm = HeadRMSNorm(self.n_heads, hd, model_args.norm_eps) if model_args.linear_attn_output_norm else None
         self.wg = nn.Linear(model_args.dim, self.n_heads * hd, bias=False) if model_args.linear_attn_output_gate else None
-        # log of the decay rate a per kv head: positive whatever the optimizer does
-        self.k_log_decay = nn.Parameter(torch.empty(self.n_kv_heads)) if model_args.linear_attn_decay else None
+        # log of the decay rate a per kv head (or per feature): positive whatever the optimizer does
+        self.decay_rates = model_args.linear_attn_decay_rates
+        n_rates = self.n_kv_heads * (hd if self.decay_rates == "feature" else 1)
+        self.k_log_decay = nn.Parameter(torch.empty(n_rates)) if model_args.linear_attn_decay else None
 
     def init_weights(self, init_std: float):
         super().init_weights(init_std)
@@ -98,7 +100,7 @@ class LinearAttention(Attention):
         if self.wg is not None:
             nn.init.trunc_normal_(self.wg.weight, mean=0.0, std=0.02)
         if self.k_log_decay is not None:
-            fill(self.k_log_decay, initial_log_decay(self.n_kv_heads))
+            fill(self.k_log_decay, initial_log_decay(self.n_kv_heads, self.head_dim, self.decay_rates))
 
     def project(self, x: torch.Tensor, conv_state: ConvState | None = None, start: int | torch.Tensor = 0):
         """q, k, v as the op takes them, (bs, heads, seqlen, head_dim), from the block input x

@@ -11,7 +11,8 @@ from a Hugging Face Llama folder (docs/hf.md, "Import / linearize"), and
   of the features within a head as long as q and k share it (softmax over features, one weight
   per feature), so the permutation is harmless there and keeps one rule for all layers.
 - The linear layers' options (linear_options.py) get names of their own under `self_attn`
-  (`OPTION_NAMES`); the short convolution's q/k kernels are permuted with the rows of wq/wk.
+  (`OPTION_NAMES`); the short convolution's q/k kernels, and the decay's rates when there is one
+  per key feature, are permuted with the rows of wq/wk.
 - The layer-map buffers (`linear_layer_map`, OELM's `oelm_freeze_map`) have no HF tensor: an
   export records them in config.json, an import keeps the model's own.
 
@@ -105,10 +106,21 @@ class HybridStateDictAdapter(Llama3StateDictAdapter):
     def _kv_heads(self) -> int:
         return self.model_args.n_kv_heads or self.model_args.n_heads
 
-    def _conv_heads(self, suffix: str) -> int | None:
-        """Heads whose rows a short-conv kernel shares with wq (q) or wk (k); None: not permuted."""
+    def _permuted_heads(self, suffix: str, value) -> int | None:
+        """Heads whose rows an option tensor shares with wq or wk, so it takes their RoPE row
+        permutation: the short convolution's q/k kernels, and the decay's rates when there is one
+        per key feature (more than one per kv head). None: not permuted."""
+        if suffix == "attention.k_log_decay":
+            return self._kv_heads() if value.shape[0] > self._kv_heads() else None
         return {"attention.short_conv.q_weight": self.model_args.n_heads,
                 "attention.short_conv.k_weight": self._kv_heads()}.get(suffix)
+
+    def _rows(self, value, heads: int, reverse: bool):
+        """The (reverse) permutation of a tensor's rows; a 1-D tensor as a column."""
+        flat = value.dim() == 1
+        x = value[:, None] if flat else value
+        x = self._reverse_permute(x, heads) if reverse else self._permute(x, heads)
+        return x[:, 0] if flat else x
 
     def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         core = {k: v for k, v in state_dict.items() if k not in self.maps and not self._option(k)}
@@ -117,8 +129,8 @@ class HybridStateDictAdapter(Llama3StateDictAdapter):
             if (opt := self._option(key)) is None:
                 continue
             layer, suffix = opt
-            heads = self._conv_heads(suffix)
-            hf[f"model.layers.{layer}.{OPTION_NAMES[suffix]}"] = value if heads is None else self._permute(value, heads)
+            heads = self._permuted_heads(suffix, value)
+            hf[f"model.layers.{layer}.{OPTION_NAMES[suffix]}"] = value if heads is None else self._rows(value, heads, False)
         self._requested = hf
         return hf
 
@@ -129,8 +141,8 @@ class HybridStateDictAdapter(Llama3StateDictAdapter):
             m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", key)
             if m and m.group(2) in reverse:
                 suffix = reverse[m.group(2)]
-                heads = self._conv_heads(suffix)
-                state[f"layers.{m.group(1)}.{suffix}"] = value if heads is None else self._reverse_permute(value, heads)
+                heads = self._permuted_heads(suffix, value)
+                state[f"layers.{m.group(1)}.{suffix}"] = value if heads is None else self._rows(value, heads, True)
             else:
                 core[key] = value
         state.update(super().from_hf(core))
