@@ -118,8 +118,13 @@ def test_option_formulas():
     torch.testing.assert_close(attn.mix_output(o, x), rms * gate, rtol=1e-5, atol=1e-5)
 
 
-def test_all_options_train_and_are_causal():
-    model = _model(**OPTIONS["all"])
+# All options with the decay's rate per key feature instead of per kv head.
+ALL_PER_FEATURE = {**OPTIONS["all"], **OPTIONS["decay_per_feature"]}
+
+
+@pytest.mark.parametrize("options", [OPTIONS["all"], ALL_PER_FEATURE], ids=["all", "all-decay-per-feature"])
+def test_all_options_train_and_are_causal(options):
+    model = _model(**options)
     tokens = torch.randint(0, 256, (2, 32))
     out = model(tokens)
     changed = tokens.clone()
@@ -240,11 +245,12 @@ def test_oelm_refuses_the_options(key, value):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_all_options_on_the_triton_path_compiled_bf16():
+@pytest.mark.parametrize("options", [OPTIONS["all"], ALL_PER_FEATURE], ids=["all", "all-decay-per-feature"])
+def test_all_options_on_the_triton_path_compiled_bf16(options):
     from titan_linear.ops.efficient_attn import impl_name
 
     assert impl_name("cuda", torch.bfloat16, 16) == "triton"
-    model = build(tiny_args(**OPTIONS["all"], max_seq_len=512), seed=0).cuda()
+    model = build(tiny_args(**options, max_seq_len=512), seed=0).cuda()
     tokens = torch.randint(0, 256, (2, 512), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         eager = model(tokens).float()
