@@ -3,8 +3,8 @@
     python benchmarks/tune_attention.py --out benchmarks/results/tune_h200.json \
         --head-dims 64 128 --seq-lens 8192 --candidates 256:16:4 256:16:8 256:32:4 128:16:4 512:16:4
 
-A candidate is chunk:sub_chunk:warps[:scan_chunks:scan_block] (fields left out keep the
-table's). Each runs through triton_tuning.override, in this one process, on the same inputs as
+A candidate is chunk:sub_chunk:warps[:scan_chunks:scan_block], or named integer fields of the
+launch config, e.g. `chunk=256,warps=4,v_split=2` (fields left out keep the table's). Each runs through triton_tuning.override, in this one process, on the same inputs as
 benchmarks/attention.py (bf16, fwd+bwd, 65,536 tokens per call, 16 heads); the table's own
 entry is timed first, as the row with "table": true. Every candidate's output and gradients are
 compared with the table entry's on the same inputs ("rel_err", the largest of o, dq, dk, dv),
@@ -26,10 +26,17 @@ from titan_linear.ops.efficient_attn import efficient_attention_triton  # noqa: 
 from titan_linear.ops.efficient_attn.triton_tuning import launch_config, override  # noqa: E402
 
 FIELDS = ("chunk", "sub_chunk", "warps", "scan_chunks", "scan_block")
+NAMED = FIELDS + ("v_split",)
 
 
 def parse_candidate(text: str) -> dict[str, int]:
-    """"256:16:4" -> {"chunk": 256, "sub_chunk": 16, "warps": 4} (up to five fields, FIELDS)."""
+    """"256:16:4" -> {"chunk": 256, "sub_chunk": 16, "warps": 4} (up to five fields, FIELDS);
+    "warps=4,v_split=2" -> {"warps": 4, "v_split": 2} (any of NAMED)."""
+    if "=" in text:
+        fields = dict(item.split("=", 1) for item in text.split(","))
+        if not fields.keys() <= set(NAMED) or not all(v.isdigit() for v in fields.values()):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=INTEGER,... with NAME one of {', '.join(NAMED)}")
+        return {k: int(v) for k, v in fields.items()}
     values = [int(x) for x in text.split(":")]
     if not 1 <= len(values) <= len(FIELDS):
         raise argparse.ArgumentTypeError(f"{text!r}: expected chunk:sub_chunk:warps[:scan_chunks:scan_block]")

@@ -170,17 +170,18 @@ def test_efficient_attention_triton_memory_is_linear_in_seqlen():
     assert peaks[32768] < 4.5 * peaks[8192], peaks
 
 
-@pytest.mark.parametrize("tiles", [dict(chunk=128, sub_chunk=32, warps=8), dict(chunk=64, sub_chunk=16, warps=4,
-                                                                               scan_chunks=2, scan_block=32)],
-                         ids=["128-32-8", "64-16-4-scan2x32"])
-def test_efficient_attention_triton_other_tiles_match_table(tiles):
+@pytest.mark.parametrize("tiles,D", [(dict(chunk=128, sub_chunk=32, warps=8), 64),
+                                     (dict(chunk=64, sub_chunk=16, warps=4, scan_chunks=2, scan_block=32), 64),
+                                     (dict(v_split=2, warps=4), 128), (dict(v_split=4, warps=4), 64)],
+                         ids=["128-32-8", "64-16-4-scan2x32", "d128-v_split2-4warps", "d64-v_split4"])
+def test_efficient_attention_triton_other_tiles_match_table(tiles, D):
     """Candidates a tune sweep passes (triton_tuning.override) compute the same function as the
     table's entry; the backward runs outside the override, with its forward's tiles."""
     from titan_linear.ops.efficient_attn import efficient_attention_triton
     from titan_linear.ops.efficient_attn.triton_tuning import override
 
-    q, k, v = _qkv(1, 4, 2, 3000, 64, torch.bfloat16)
-    do = torch.randn(1, 4, 3000, 64, device="cuda", dtype=torch.bfloat16)
+    q, k, v = _qkv(1, 4, 2, 3000, D, torch.bfloat16)
+    do = torch.randn(1, 4, 3000, D, device="cuda", dtype=torch.bfloat16)
     ref = efficient_attention_triton(q, k, v)
     ref_grads = torch.autograd.grad(ref, (q, k, v), do)
     with override(**tiles):

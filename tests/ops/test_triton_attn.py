@@ -212,6 +212,28 @@ def test_efficient_attention_triton_interpreted_fp32_keys_beside_bf16():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/ops/test_gpu.py runs the compiled kernels")
+def test_efficient_attention_triton_interpreted_value_blocks_match_quadratic():
+    """The value features in two blocks of 16 (override(v_split=2)): each per-chunk program takes
+    one block, and dq, dk and the backward's summary column are summed from the blocks' parts.
+    Grouped heads over three chunks of 128 (one of them short), ordinary keys and keys x100 from
+    position 300 on (the exact kernels then take a chunk), and the exact loop everywhere."""
+    cases = [(1, 4, 2, 300, 32, 1.0), (1, 2, 2, 600, 32, (1.0, 100.0))]
+    for errors in _interpret(cases, v_split=2, chunk=128):
+        assert all(e < 1e-4 for e in errors.values()), errors
+    (errors,) = _interpret([(1, 4, 2, 150, 32, 1.0)], v_split=2, span=-1)
+    assert all(e < 1e-5 for e in errors.values()), errors
+
+
+def test_value_blocks_must_leave_16_features():
+    from titan_linear.ops.efficient_attn.triton_op import _value_block
+    from titan_linear.ops.efficient_attn.triton_tuning import LaunchConfig
+
+    assert _value_block(128, LaunchConfig(v_split=2)) == 64 and _value_block(16, LaunchConfig()) == 16
+    with pytest.raises(ValueError, match=r"v_split = 2 is not allowed for d_v = 16"):
+        _value_block(16, LaunchConfig(v_split=2))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/ops/test_gpu.py runs the compiled kernels")
 def test_efficient_attention_triton_backward_keeps_forward_config(interpreted_errors):
     errors = interpreted_errors[len(CASES) + 1]
     assert all(e < 1e-5 for e in errors.values()), errors
@@ -245,7 +267,7 @@ def test_tuning_override_replaces_fields_nests_and_restores():
             assert launch_config(16, torch.float32) == TABLE[(16, torch.float32)]._replace(chunk=64, warps=2, span=-1.0)
         assert launch_config(16, torch.float32).span == 100.0
     assert launch_config(128, torch.float16) is before
-    for bad in (dict(chunk=48), dict(chunk=16, sub_chunk=32), dict(warps=3), dict(prec="fp8")):
+    for bad in (dict(chunk=48), dict(chunk=16, sub_chunk=32), dict(warps=3), dict(prec="fp8"), dict(v_split=3)):
         with pytest.raises(ValueError):
             with override(**bad):
                 pass

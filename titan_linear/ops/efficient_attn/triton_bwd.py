@@ -41,37 +41,49 @@ from .triton_diag import (advance_state, diag_dk, diag_dp, head_rows, load_rows,
 
 @triton.jit
 def bwd_query_kernel(
-    Q, K, V, DO, DQ, CDP, S_END, Z_END, R, LBX, FLAGS, VSHIFT,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt,
+    Q, K, V, DO, DQ, CDP, S_END, Z_END, R, LBX, LBL, FLAGS, VSHIFT,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt, sdqv, scdv,
+    slv, sls, sld,
     T, HK, NC,
     G: tl.constexpr, C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    PREC: tl.constexpr, FAST: tl.constexpr,
+    BV: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr,
 ):
-    """Grid (NC, B · HK). CDP: (B, H, T, DK) fp32; R: (B · HK, NC, C // c, DK) log2 references;
-    LBX: (B · HK, NC, DK, DV + 1), chunk n's summary stored at slot n − 1 (chunk 0's, which is
-    zero since Z_{−1} = −inf, at slot NC − 1: the reverse scan's start); VSHIFT: (B · HK, DV)
-    fp32, the values' shift m (module docstring)."""
+    """Grid (NC, B · HK, DV // BV). CDP: (B, H, T, DK) fp32; R: (B · HK, NC, C // c, DK) log2
+    references; LBX: (B · HK, NC, DK, DV + 1), chunk n's summary stored at slot n − 1 (chunk 0's,
+    which is zero since Z_{−1} = −inf, at slot NC − 1: the reverse scan's start); VSHIFT:
+    (B · HK, DV) fp32, the values' shift m (module docstring).
+
+    Program (n, bhk, j) takes value features j · BV … j · BV + BV − 1. dq, c = p ⊙ dp and the
+    summary's last column lb are sums over all value features (through dA = do · v and do · S)
+    and linear in them, so each block writes its part: DQ + j · sdqv, CDP + j · scdv and
+    lb at LBL + j · slv + slot · sls + feature · sld (with one block these are DQ, CDP and LBX's
+    last column, and the strides of j are 0); the caller sums the parts."""
     n = tl.program_id(0)
     bhk = tl.program_id(1)
+    vb = tl.program_id(2)
+    V += vb * BV
+    DO += vb * BV
+    DQ += vb * sdqv
+    CDP += vb * scdv
     b, hk = bhk // HK, bhk % HK
     b64 = b.to(tl.int64)
-    dk, dv, ic = tl.arange(0, DK), tl.arange(0, DV), tl.arange(0, c)
+    dk, dv, ic = tl.arange(0, DK), tl.arange(0, BV), tl.arange(0, c)
     base = bhk.to(tl.int64) * NC + n
     if (tl.load(FLAGS + base) == 0) != FAST:  # the other variant takes this chunk
         return
     r = z_before_chunk(Z_END, bhk, n, NC, DK)
     r0 = r
-    vs = tl.load(VSHIFT + bhk.to(tl.int64) * DV + dv)
+    vs = tl.load(VSHIFT + bhk.to(tl.int64) * DV + vb * BV + dv)
     # Chunk 0's state is zero and so is its gate: the shift there is multiplied by 0.
-    S = state_before_chunk(S_END, bhk, n, NC, DK, DV) - vs[None, :]
-    LB = tl.zeros([DK, DV], dtype=tl.float32)
+    S = state_before_chunk(S_END + vb * BV, bhk, n, NC, DK, DV, BV) - vs[None, :]
+    LB = tl.zeros([DK, BV], dtype=tl.float32)
     lb = tl.zeros([DK], dtype=tl.float32)
     H = HK * G
     lo, end = n * C, tl.minimum(T, n * C + C)
     k_raw = load_rows(K, b64, hk, lo, lo, end, skb, skh, skt, c, DK)
-    v_raw = load_rows(V, b64, hk, lo, lo, end, svb, svh, svt, c, DV)
+    v_raw = load_rows(V, b64, hk, lo, lo, end, svb, svh, svt, c, BV)
     q_raw = load_rows(Q, b64, hk * G, lo, lo, end, sqb, sqh, sqt, c, DK)
-    do_raw = load_rows(DO, b64, hk * G, lo, lo, end, sdob, sdoh, sdot, c, DV)
+    do_raw = load_rows(DO, b64, hk * G, lo, lo, end, sdob, sdoh, sdot, c, BV)
     for i in range(C // c):
         tl.store(R + (base * (C // c) + i) * DK + dk, r)
         t0 = n * C + i * c
@@ -80,18 +92,18 @@ def bwd_query_kernel(
         t64 = t.to(tl.int64)
         # The next sub-chunk's rows, loaded while this one is worked on (triton_diag.load_rows).
         k_next = load_rows(K, b64, hk, t0 + c, lo, end, skb, skh, skt, c, DK)
-        v_next = load_rows(V, b64, hk, t0 + c, lo, end, svb, svh, svt, c, DV)
+        v_next = load_rows(V, b64, hk, t0 + c, lo, end, svb, svh, svt, c, BV)
         q_next = load_rows(Q, b64, hk * G, t0 + c, lo, end, sqb, sqh, sqt, c, DK)
-        do_next = load_rows(DO, b64, hk * G, t0 + c, lo, end, sdob, sdoh, sdot, c, DV)
+        do_next = load_rows(DO, b64, hk * G, t0 + c, lo, end, sdob, sdoh, sdot, c, BV)
         krow, k2, v, rd, e, z, gate, r_next, kn = load_sub_chunk(
-            K, b64, hk, t0, T, skb, skh, skt, k_raw, v_raw, r, vs, c, DK, DV, PREC, FAST)
+            K, b64, hk, t0, T, skb, skh, skt, k_raw, v_raw, r, vs, c, DK, BV, PREC, FAST)
         # 2^(r0 − z_t): r0 <= r, so no overflow; both -inf at the sequence's start, where the
         # summary is 0 (gate is), and -inf − -inf must not make it NaN.
         gate0 = gate * tl.where(r0 == r, 1.0, tl.exp2(r0 - r))[None, :]
         for g in range(G):
             h = hk * G + g
             p = softmax_rows(head_rows(Q, b64, h, t0, T, sqb, sqh, sqt, q_raw, g, c, DK))
-            do = head_rows(DO, b64, h, t0, T, sdob, sdoh, sdot, do_raw, g, c, DV)
+            do = head_rows(DO, b64, h, t0, T, sdob, sdoh, sdot, do_raw, g, c, BV)
             da = mm(do, tl.trans(v), PREC)  # (t, s)
             dp = diag_dp(da, rd, e, z, FAST, krow, skt, T - t0, c, DK, PREC)
             dp += gate * mm(do, tl.trans(S), PREC)
@@ -107,36 +119,47 @@ def bwd_query_kernel(
         r = r_next
         k_raw, v_raw, q_raw, do_raw = k_next, v_next, q_next, do_next
     slot = bhk.to(tl.int64) * NC + (n + NC - 1) % NC
-    out = LBX + slot * DK * (DV + 1)
+    out = LBX + slot * DK * (DV + 1) + vb * BV
     tl.store(out + dk[:, None] * (DV + 1) + dv[None, :], LB)
-    tl.store(out + dk * (DV + 1) + DV, lb)
+    tl.store(LBL + vb * slv + slot * sls + dk * sld, lb)
 
 
 @triton.jit
 def bwd_key_kernel(
     Q, K, V, DO, CDP, Z_END, R, BX, DK_, DV_, FLAGS, VSHIFT,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
-    sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
+    sdkb, sdkh, sdkt, sdkv, sdvb, sdvh, sdvt,
     T, HK, NC,
     G: tl.constexpr, C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    PREC: tl.constexpr, FAST: tl.constexpr,
+    BV: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr,
 ):
-    """Grid (NC, B · HK). Z_END: (B · HK, NC, DK) log2 z at the end of each chunk; BX: the reverse
-    scan's output, (B · HK, NC, DK, DV + 1), chunk n's later-positions summary at slot n;
-    VSHIFT as in bwd_query_kernel (the CDP it wrote was computed with the same shift)."""
+    """Grid (NC, B · HK, DV // BV). Z_END: (B · HK, NC, DK) log2 z at the end of each chunk; BX:
+    the reverse scan's output, (B · HK, NC, DK, DV + 1), chunk n's later-positions summary at
+    slot n; CDP: the whole c = p ⊙ dp (the parts summed); VSHIFT as in bwd_query_kernel (the CDP
+    it wrote was computed with the same shift).
+
+    Program (n, bhk, j) takes value features j · BV … j · BV + BV − 1: it writes that block of dv,
+    and its part of dk (a sum over the value features) at DK_ + j · sdkv; the terms of dk that
+    do not involve the values (through b and c) go into block 0's part only."""
     n = tl.program_id(0)
     bhk = tl.program_id(1)
+    vb = tl.program_id(2)
+    V += vb * BV
+    DO += vb * BV
+    DV_ += vb * BV
+    DK_ += vb * sdkv
     b, hk = bhk // HK, bhk % HK
     b64 = b.to(tl.int64)
-    dk, dv, ic = tl.arange(0, DK), tl.arange(0, DV), tl.arange(0, c)
+    dk, dv, ic = tl.arange(0, DK), tl.arange(0, BV), tl.arange(0, c)
     base = bhk.to(tl.int64) * NC + n
     if (tl.load(FLAGS + base) == 0) != FAST:  # the other variant takes this chunk
         return
     bx = BX + base * DK * (DV + 1)
-    Bs = tl.load(bx + dk[:, None] * (DV + 1) + dv[None, :])
+    Bs = tl.load(bx + dk[:, None] * (DV + 1) + vb * BV + dv[None, :])
     bs = tl.load(bx + dk * (DV + 1) + DV)
+    first = tl.where(vb == 0, 1.0, 0.0)  # 1 in the block that adds the terms without values
     r_next = tl.load(Z_END + base * DK + dk)
-    vs = tl.load(VSHIFT + bhk.to(tl.int64) * DV + dv)
+    vs = tl.load(VSHIFT + bhk.to(tl.int64) * DV + vb * BV + dv)
     H = HK * G
     for jj in range(C // c):
         j = C // c - 1 - jj
@@ -148,14 +171,14 @@ def bwd_key_kernel(
         # Loaded here: loading one sub-chunk ahead, as bwd_query_kernel does, did not make this
         # kernel faster on an H100 (it spills registers already).
         k_raw = load_rows(K, b64, hk, t0, t0, T, skb, skh, skt, c, DK)
-        v_raw = load_rows(V, b64, hk, t0, t0, T, svb, svh, svt, c, DV)
+        v_raw = load_rows(V, b64, hk, t0, t0, T, svb, svh, svt, c, BV)
         krow, k2, v, rd, e, z, gate, r_end, kn = load_sub_chunk(
-            K, b64, hk, t0, T, skb, skh, skt, k_raw, v_raw, r, vs, c, DK, DV, PREC, FAST)
+            K, b64, hk, t0, T, skb, skh, skt, k_raw, v_raw, r, vs, c, DK, BV, PREC, FAST)
         # The later summary is normalised to the z after this sub-chunk as the query kernel
         # carried it (r_next), so the keys are taken against that same reference.
         kt = tl.exp2(k2 - r_next[None, :])  # (s, DK), <= 1
         dvs = mm(kt, Bs, PREC)
-        dks = kt * (mm(v, tl.trans(Bs), PREC) - bs[None, :])
+        dks = kt * (mm(v, tl.trans(Bs), PREC) - first * bs[None, :])
         # Renormalise the summary to r now and add this sub-chunk's positions into it in place:
         # a separate (DK, DV) accumulator would cost 32 more registers per thread at 4 warps.
         decay = tl.exp2(r - r_next)
@@ -164,10 +187,10 @@ def bwd_key_kernel(
         for g in range(G):
             h = hk * G + g
             p = softmax_rows(load_rows(Q, b64, h, t0, t0, T, sqb, sqh, sqt, c, DK))
-            do = load_rows(DO, b64, h, t0, t0, T, sdob, sdoh, sdot, c, DV)
+            do = load_rows(DO, b64, h, t0, t0, T, sdob, sdoh, sdot, c, BV)
             cdp = load_rows(CDP, b64 * H, h, t0, t0, T, T * DK, T * DK, DK, c, DK)
-            da = mm(do, tl.trans(v), PREC)  # (t, s)
-            a, dkd = diag_dk(p, cdp, da, rd, e, z, FAST, krow, skt, T - t0, c, DK, PREC)
+            da = mm(do, tl.trans(v), PREC)  # (t, s), this block's part
+            a, dkd = diag_dk(p, first * cdp, da, rd, e, z, FAST, krow, skt, T - t0, c, DK, PREC)
             dvs += mm(tl.trans(a), do, PREC)
             dks += dkd
             Bs += mm(tl.trans(p * gate), do, PREC)

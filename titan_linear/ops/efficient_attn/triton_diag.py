@@ -144,10 +144,11 @@ def load_sub_chunk(K, b64, hk, t0, T, skb, skh, skt, k_raw, v_raw, r, vs,
 
 
 @triton.jit
-def state_before_chunk(S_END, bhk, n, NC, DK: tl.constexpr, DV: tl.constexpr):
-    """The (DK, DV) state after chunk n − 1 from the scan's output; zero for chunk 0."""
+def state_before_chunk(S_END, bhk, n, NC, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
+    """The (DK, BV) columns from S_END on (a pointer to a column of the state) of the (DK, DV)
+    state after chunk n − 1, from the scan's output; zero for chunk 0."""
     prev = bhk.to(tl.int64) * NC + tl.maximum(n - 1, 0)
-    S = tl.load(S_END + prev * DK * DV + tl.arange(0, DK)[:, None] * DV + tl.arange(0, DV)[None, :])
+    S = tl.load(S_END + prev * DK * DV + tl.arange(0, DK)[:, None] * DV + tl.arange(0, BV)[None, :])
     return tl.where(n > 0, S, 0.0)
 
 

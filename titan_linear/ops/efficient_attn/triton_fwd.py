@@ -31,21 +31,24 @@ def chunk_summary_kernel(
     skb, skh, skt, svb, svh, svt,
     T, HK, NC,
     C: tl.constexpr, SB: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    PREC: tl.constexpr, SPAN: tl.constexpr,
+    BV: tl.constexpr, PREC: tl.constexpr, SPAN: tl.constexpr,
 ):
-    """Grid (NC, B · HK). L: (B · HK, NC, DK, DV), LSE: (B · HK, NC, DK), both fp32; FLAGS:
-    (B · HK, NC) int32, 1 where the chunk needs the exact kernels (triton_diag.py).
+    """Grid (NC, B · HK, DV // BV). L: (B · HK, NC, DK, DV), LSE: (B · HK, NC, DK), both fp32;
+    FLAGS: (B · HK, NC) int32, 1 where the chunk needs the exact kernels (triton_diag.py).
+    Program (n, bhk, j) writes value features j · BV … j · BV + BV − 1 of L; the first block's
+    program writes LSE and FLAGS.
 
     The chunk is read SB rows at a time with a running max (as in online softmax), so a long
     chunk at head dim 128 in fp32 does not outgrow shared memory."""
     n = tl.program_id(0)
     bhk = tl.program_id(1)
+    vb = tl.program_id(2)
     b, hk = bhk // HK, bhk % HK
     b64 = b.to(tl.int64)
-    dk, dv = tl.arange(0, DK), tl.arange(0, DV)
+    dk, dv = tl.arange(0, DK), vb * BV + tl.arange(0, BV)
     m = tl.full([DK], float("-inf"), dtype=tl.float32)
     s = tl.zeros([DK], dtype=tl.float32)
-    state = tl.zeros([DK, DV], dtype=tl.float32)
+    state = tl.zeros([DK, BV], dtype=tl.float32)
     flag = 0
     for j in range(C // SB):
         t0 = n * C + j * SB
@@ -65,8 +68,9 @@ def chunk_summary_kernel(
         flag = tl.maximum(flag, sub_chunks_exact_only(K, b64, hk, t0, T, skb, skh, skt, k2, SPAN, SB, c, DK))
     base = bhk.to(tl.int64) * NC + n
     tl.store(L + base * DK * DV + dk[:, None] * DV + dv[None, :], state / s[:, None])
-    tl.store(LSE + base * DK + dk, m + tl.log2(s))
-    tl.store(FLAGS + base, flag)
+    if vb == 0:
+        tl.store(LSE + base * DK + dk, m + tl.log2(s))
+        tl.store(FLAGS + base, flag)
 
 
 @triton.jit
@@ -75,21 +79,25 @@ def chunk_output_kernel(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
     T, HK, NC,
     G: tl.constexpr, C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    PREC: tl.constexpr, FAST: tl.constexpr,
+    BV: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr,
 ):
-    """Grid (NC, B · HK). S_END: (B · HK, NC, DK, DV) state after each chunk (scan output);
-    Z_END: (B · HK, NC, DK) log2 z at the end of each chunk. FAST takes the
-    chunks FLAGS leaves unflagged, the exact variant the others."""
+    """Grid (NC, B · HK, DV // BV). S_END: (B · HK, NC, DK, DV) state after each chunk (scan
+    output); Z_END: (B · HK, NC, DK) log2 z at the end of each chunk. Program (n, bhk, j) writes
+    value features j · BV … j · BV + BV − 1 of the output (V, O and S_END are read from that
+    column on). FAST takes the chunks FLAGS leaves unflagged, the exact variant the others."""
     n = tl.program_id(0)
     bhk = tl.program_id(1)
+    vb = tl.program_id(2)
+    V += vb * BV
+    O += vb * BV
     b, hk = bhk // HK, bhk % HK
-    dv, ic = tl.arange(0, DV), tl.arange(0, c)
+    dv, ic = tl.arange(0, BV), tl.arange(0, c)
     base = bhk.to(tl.int64) * NC + n
     if (tl.load(FLAGS + base) == 0) != FAST:
         return
     r = z_before_chunk(Z_END, bhk, n, NC, DK)
-    S = state_before_chunk(S_END, bhk, n, NC, DK, DV)
-    vs = tl.zeros([DV], dtype=tl.float32)  # the values as they are (the backward shifts them)
+    S = state_before_chunk(S_END + vb * BV, bhk, n, NC, DK, DV, BV)
+    vs = tl.zeros([BV], dtype=tl.float32)  # the values as they are (the backward shifts them)
     b64 = b.to(tl.int64)
     for i in range(C // c):
         t0 = n * C + i * c
@@ -99,9 +107,9 @@ def chunk_output_kernel(
         # Loaded here, not one sub-chunk ahead as bwd_query_kernel does: measured on an H100,
         # loading ahead made this kernel slower (0.51 -> 0.61 ms at 65,536 tokens x 16 heads).
         k_raw = load_rows(K, b64, hk, t0, t0, T, skb, skh, skt, c, DK)
-        v_raw = load_rows(V, b64, hk, t0, t0, T, svb, svh, svt, c, DV)
+        v_raw = load_rows(V, b64, hk, t0, t0, T, svb, svh, svt, c, BV)
         krow, k2, v, rd, e, z, gate, r_next, kn = load_sub_chunk(
-            K, b64, hk, t0, T, skb, skh, skt, k_raw, v_raw, r, vs, c, DK, DV, PREC, FAST)
+            K, b64, hk, t0, T, skb, skh, skt, k_raw, v_raw, r, vs, c, DK, BV, PREC, FAST)
         for g in range(G):
             h = hk * G + g
             p = softmax_rows(load_rows(Q, b64, h, t0, t0, T, sqb, sqh, sqt, c, DK))

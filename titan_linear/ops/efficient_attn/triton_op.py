@@ -64,13 +64,22 @@ def _reverse_scan(u: torch.Tensor, z_end: torch.Tensor, cfg: LaunchConfig) -> to
     return x
 
 
+def _value_block(d_v: int, cfg: LaunchConfig) -> int:
+    """The value features per program, d_v / v_split (LaunchConfig.v_split); ValueError if that
+    is not a whole block of at least 16 (the products' smallest tile)."""
+    if d_v % cfg.v_split or d_v // cfg.v_split < 16:
+        raise ValueError(f"v_split = {cfg.v_split} is not allowed for d_v = {d_v}: a divisor of d_v "
+                         "leaving blocks of at least 16 value features")
+    return d_v // cfg.v_split
+
+
 def _per_chunk(kernel, grid, args: tuple, group: int, d_k: int, d_v: int, cfg: LaunchConfig) -> None:
     """Launch both compiled variants of a per-chunk kernel (triton_diag.py): FAST for the chunks
     the summary left unflagged, then the exact one for the flagged; each variant's programs
-    return at once for the other's chunks."""
+    return at once for the other's chunks. One program per (chunk, kv head, value block)."""
     for fast in (True, False):
-        kernel[grid](*args, G=group, C=cfg.chunk, c=cfg.sub_chunk, DK=d_k, DV=d_v, PREC=cfg.prec,
-                     FAST=fast, num_warps=cfg.warps)
+        kernel[(*grid, cfg.v_split)](*args, G=group, C=cfg.chunk, c=cfg.sub_chunk, DK=d_k, DV=d_v,
+                                     BV=_value_block(d_v, cfg), PREC=cfg.prec, FAST=fast, num_warps=cfg.warps)
 
 
 # The custom ops take the LaunchConfig's fields as arguments (triton_tuning.py), so a traced
@@ -79,12 +88,13 @@ def _per_chunk(kernel, grid, args: tuple, group: int, d_k: int, d_v: int, cfg: L
 def efficient_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     chunk: int, sub_chunk: int, warps: int, scan_chunks: int, scan_block: int, prec: str, span: float,
+    v_split: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (o, s_end, z_end, flags): o (bs, n_heads, seqlen, d_v); s_end (bs · n_kv_heads,
     chunks, d_k, d_v) fp32 state after each chunk; z_end (bs · n_kv_heads, chunks, d_k) fp32 log2
     z; flags (bs · n_kv_heads, chunks) int32, the chunks the exact kernels take. The remaining
     arguments are a LaunchConfig's fields (triton_tuning.py)."""
-    cfg = LaunchConfig(chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span)
+    cfg = LaunchConfig(chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span, v_split)
     group = check_qkv(q, k, v)
     q, k, v = _unit_stride(q, k, v)
     bs, n_heads, seqlen, d_k = q.shape
@@ -95,10 +105,10 @@ def efficient_attn_fwd(
     lse2 = torch.empty(bs * n_kv, nc, d_k, **f32)
     flags = torch.empty(bs * n_kv, nc, dtype=torch.int32, device=q.device)
     grid = (nc, bs * n_kv)
-    chunk_summary_kernel[grid](
+    chunk_summary_kernel[(*grid, v_split)](
         k, v, local, lse2, flags, *_strides(k), *_strides(v), seqlen, n_kv, nc,
-        C=chunk, SB=max(min(chunk, 64), sub_chunk), c=sub_chunk, DK=d_k, DV=d_v, PREC=prec,
-        SPAN=span, num_warps=warps,
+        C=chunk, SB=max(min(chunk, 64), sub_chunk), c=sub_chunk, DK=d_k, DV=d_v, BV=_value_block(d_v, cfg),
+        PREC=prec, SPAN=span, num_warps=warps,
     )
     s_end, z_end = _forward_states(local, lse2, cfg)
     o = _like_bthd(q, d_v, q.dtype)
@@ -109,7 +119,7 @@ def efficient_attn_fwd(
 
 
 @efficient_attn_fwd.register_fake
-def _(q, k, v, chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span):
+def _(q, k, v, chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span, v_split):
     bs, n_heads, seqlen, d_k = q.shape
     n_kv, d_v = k.shape[1], v.shape[-1]
     nc = -(-seqlen // chunk)
@@ -123,10 +133,11 @@ def efficient_attn_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     s_end: torch.Tensor, z_end: torch.Tensor, flags: torch.Tensor,
     chunk: int, sub_chunk: int, warps: int, scan_chunks: int, scan_block: int, prec: str, span: float,
+    v_split: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv from the output gradient and efficient_attn_fwd's saved s_end, z_end, flags,
     with the forward's launch config."""
-    cfg = LaunchConfig(chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span)
+    cfg = LaunchConfig(chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span, v_split)
     group = check_qkv(q, k, v)
     do, q, k, v = _unit_stride(do, q, k, v)
     bs, n_heads, seqlen, d_k = q.shape
@@ -134,9 +145,14 @@ def efficient_attn_bwd(
     nc = s_end.shape[1]
     f32 = dict(dtype=torch.float32, device=q.device)
     dq = _like_bthd(q, d_k, q.dtype)
-    cdp = torch.empty(bs, n_heads, seqlen, d_k, **f32)
+    cdp = torch.empty(v_split, bs, n_heads, seqlen, d_k, **f32)
     refs = torch.empty(bs * n_kv, nc, chunk // sub_chunk, d_k, **f32)
     later = torch.empty(bs * n_kv, nc, d_k, d_v + 1, **f32)
+    # With value blocks (v_split > 1) each block writes its part of dq, c and lb (triton_bwd.py)
+    # into fp32 buffers that are summed here; with one, the kernel writes them in place.
+    split = v_split > 1
+    dq_parts = torch.empty(v_split, bs, seqlen, n_heads, d_k, **f32).transpose(2, 3) if split else dq[None]
+    lb_parts = torch.empty(v_split, bs * n_kv, nc, d_k, **f32) if split else later[None, ..., d_v]
     # The kernels take v − m (triton_bwd.py: any m gives the same gradients; one near the values'
     # common mean keeps its rounding out of dq and dk). m: the mean over features of the state
     # after the last chunk, a weighted mean of all values, already at hand (reading v for its
@@ -144,17 +160,27 @@ def efficient_attn_bwd(
     v_shift = s_end[:, -1].mean(dim=1).contiguous()
     grid = (nc, bs * n_kv)
     _per_chunk(bwd_query_kernel, grid, (
-        q, k, v, do, dq, cdp, s_end, z_end, refs, later, flags, v_shift,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        q, k, v, do, dq_parts, cdp, s_end, z_end, refs, later, lb_parts, flags, v_shift,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq_parts[0]),
+        dq_parts.stride(0) if split else 0, cdp.stride(0) if split else 0,
+        lb_parts.stride(0) if split else 0, lb_parts.stride(2), lb_parts.stride(3),
         seqlen, n_kv, nc), group, d_k, d_v, cfg)
+    if split:
+        dq.copy_(dq_parts.sum(0))
+        cdp = cdp.sum(0, keepdim=True)
+        later[..., d_v] = lb_parts.sum(0)
     # Reverse scan: slot n receives chunk n + 1's summary, decayed from Z_{n+1} to Z_n.
     later = _reverse_scan(later, z_end, cfg)
     dk = _like_bthd(k, d_k, k.dtype)
     dv = _like_bthd(v, d_v, v.dtype)
+    dk_parts = torch.empty(v_split, bs, seqlen, n_kv, d_k, **f32).transpose(2, 3) if split else dk[None]
     _per_chunk(bwd_key_kernel, grid, (
-        q, k, v, do, cdp, z_end, refs, later, dk, dv, flags, v_shift,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        q, k, v, do, cdp, z_end, refs, later, dk_parts, dv, flags, v_shift,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk_parts[0]),
+        dk_parts.stride(0) if split else 0, *_strides(dv),
         seqlen, n_kv, nc), group, d_k, d_v, cfg)
+    if split:
+        dk.copy_(dk_parts.sum(0))
     return dq, dk, dv
 
 

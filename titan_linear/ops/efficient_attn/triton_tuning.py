@@ -50,6 +50,13 @@ class LaunchConfig(NamedTuple):
     span         how far (log2 units) the keys of a sub-chunk may spread before its chunk goes
                  to the exact kernels instead of products (triton_diag.py); negative sends every
                  chunk there. A correctness threshold, not a speed setting.
+    v_split      blocks of the value features: each per-chunk kernel runs one program per
+                 (chunk, kv head, block of d_v / v_split value features), holding a (d_k,
+                 d_v / v_split) slice of the state. At head dim 128 the whole fp32 state is 128
+                 registers per thread at 4 warps; a slice of half is 64. The products over the
+                 keys (the c × c block, the query softmax) are recomputed per block, and dq and
+                 dk, sums over the value features, are summed from per-block fp32 parts. 1 (the
+                 kernels as they were) unless a measurement chose otherwise; d_v / v_split >= 16.
     """
 
     chunk: int = 256
@@ -59,6 +66,7 @@ class LaunchConfig(NamedTuple):
     scan_block: int = 64
     prec: str = "bf16"
     span: float = 100.0
+    v_split: int = 1
 
 
 def _check(cfg: LaunchConfig) -> LaunchConfig:
@@ -71,7 +79,7 @@ def _check(cfg: LaunchConfig) -> LaunchConfig:
             raise ValueError(f"{name} = {value} is not allowed: a power of two >= 16")
     if cfg.chunk % cfg.sub_chunk:
         raise ValueError(f"chunk = {cfg.chunk} is not allowed: a multiple of the sub-chunk ({cfg.sub_chunk})")
-    for name in ("warps", "scan_chunks", "scan_block"):
+    for name in ("warps", "scan_chunks", "scan_block", "v_split"):
         if not pow2(getattr(cfg, name)):
             raise ValueError(f"{name} = {getattr(cfg, name)} is not allowed: a power of two")
     if cfg.prec not in PRECISIONS:
