@@ -1,20 +1,32 @@
-"""Inference latency and memory by layer mix: prefill, per-token decode, caches.
+"""Inference latency and memory by layer mix and batch size: prefill, per-token decode, caches.
 
-For each linear-attention ratio and context length: one prefill of `context` random tokens
-(timed after an untimed prefill of the same length), then `--decode-tokens` greedy decode
-steps, each timed on its own (on CUDA each replays one captured CUDA graph, unless
---eager-decode; row key "decode"). Softmax layers decode from a KV cache, linear layers from
-their constant-size recurrent state (titan_linear/inference/). Random weights; the model is
-the train spec's flavor with `linear_attn_ratio` set (uniform placement).
+For each linear-attention ratio, context length, batch size and compile setting: one prefill of
+`context` random tokens per sequence (timed after an untimed prefill of the same length), then
+`--decode-tokens` greedy decode steps, each timed on its own. On CUDA each step replays a
+captured CUDA graph (titan_linear/inference/graph_decode.py), unless --eager-decode (row key
+"decode"); `--compile` picks what the graph holds: "on" the torch.compile'd step (default),
+"off" the eager step's kernels, "tuned" the compiled step with inductor's
+coordinate_descent_tuning (batch-1 matrix-vector products become tuned Triton reductions, as
+gpt-fast compiles; longer compile). Several settings give one row each, so one command compares
+them. Compiling and capturing happen before the timed steps (row key "capture_s"); a step that
+passes into a new KV bucket captures its graph first and is left out of the mean. Softmax
+layers decode from a KV cache that grows in buckets (a graph's step reads the bucket, row key
+"kv_positions"), linear layers from their constant-size recurrent state. Random weights; the
+model is the train spec's flavor with `linear_attn_ratio` set (uniform placement).
 
-    python benchmarks/inference.py --out benchmarks/results/inference_h100.json
+    python benchmarks/inference.py --compile on off --out benchmarks/results/inference_h200.json
+    python benchmarks/inference.py --ratios 0.5 --contexts 4096 --batches 1 2 4 8 16 32 64 --out ...
     python benchmarks/inference.py --device cpu --flavor debugmodel --contexts 64 128 --out /tmp/inf.json
 
-Rows (one JSON object each, printed and written as a list to --out): config, ratio,
-layer_map, context, prefill_ms, decode_ms_per_token (mean over the decode steps),
-cache_gib (KV caches as allocated for context + decode tokens, plus recurrent states),
-peak_prefill_gib / peak_decode_gib (CUDA max allocated during each phase, weights included;
-null on CPU), peak_gib (the larger), device, dtype.
+Rows (one JSON object each, printed and written as a list to --out, or added to its list with
+--append): config, ratio, layer_map, batch, context, compile, prefill_ms, decode_ms_per_token
+(mean time per step: one token for each of the batch's sequences), tokens_per_s (batch /
+seconds per step), kv_positions (KV positions each softmax layer reads at the last step: the
+bucket for a graph, the filled positions eagerly; 0 without softmax layers), capture_s
+(compiling and capturing; null when eager), cache_gib (caches as grown by the end: KV storage
+plus recurrent states), peak_prefill_gib / peak_decode_gib (CUDA max allocated during each
+phase, weights included; null on CPU), peak_gib (the larger), device, dtype,
+linear_attn_impl, decode.
 """
 
 import argparse
@@ -33,7 +45,7 @@ from torchtitan.protocols.train_spec import get_train_spec  # noqa: E402
 
 from titan_linear.inference import decode_step, prefill, prepare_model  # noqa: E402
 from titan_linear.inference.build import materialize  # noqa: E402
-from titan_linear.inference.graph_decode import decoder  # noqa: E402
+from titan_linear.inference.graph_decode import GraphDecoder  # noqa: E402
 from titan_linear.ops.efficient_attn import impl_name  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -56,9 +68,10 @@ def _peak_gib(device: torch.device) -> float | None:
 
 
 def measure(model, context: int, decode_tokens: int, batch: int, device: torch.device, seed: int,
-            graph: bool = False) -> dict:
-    """Prefill and decode timings and memory at one context length; graph: decode by replaying
-    a CUDA graph (titan_linear/inference/graph_decode.py) instead of eagerly."""
+            graph: bool = False, compile_options: dict | None = None) -> dict:
+    """Prefill and decode timings and memory at one context length and batch size; graph: decode
+    by replaying CUDA graphs (titan_linear/inference/graph_decode.py) instead of eagerly, of the
+    torch.compile'd step with these inductor options unless compile_options is None."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     tokens = torch.randint(0, model.model_args.vocab_size, (batch, context), generator=gen).to(device)
     max_len = context + decode_tokens
@@ -75,17 +88,29 @@ def measure(model, context: int, decode_tokens: int, batch: int, device: torch.d
 
     _reset_peak(device)
     token = logits[:, -1].argmax(-1)
-    step = decoder(model, caches, graph)  # a graph is captured here, before the timed steps
+    if graph:
+        # Compiles (once per model and batch size) and captures the first step's graph here.
+        step = GraphDecoder(model, caches, compile=compile_options is not None, compile_options=compile_options)
+    else:
+        step = lambda tok: decode_step(model, tok, caches)  # noqa: E731
     times = []
     for _ in range(decode_tokens):
+        captured = step.capture_ms if graph else 0.0
         start = _now(device)
         token = step(token).argmax(-1)
-        times.append(1000 * (_now(device) - start))
+        # A step that passed into a new bucket captured its graph first: not a decode time.
+        if not graph or step.capture_ms == captured:
+            times.append(1000 * (_now(device) - start))
     peak_decode = _peak_gib(device)
+    ms = sum(times) / len(times)
     return {
         "context": context,
         "prefill_ms": round(prefill_ms, 3),
-        "decode_ms_per_token": round(sum(times) / len(times), 4),
+        "decode_ms_per_token": round(ms, 4),
+        "tokens_per_s": round(1000 * batch / ms, 1),
+        # the graph's step reads the whole bucket, the eager one the filled positions
+        "kv_positions": (caches.capacity if graph else caches.length) if caches.kv_caches() else 0,
+        "capture_s": round(step.capture_ms / 1000, 2) if graph else None,
         "cache_gib": round(caches.allocated_nbytes() / GIB, 6),
         "peak_prefill_gib": peak_prefill,
         "peak_decode_gib": peak_decode,
@@ -93,45 +118,57 @@ def measure(model, context: int, decode_tokens: int, batch: int, device: torch.d
     }
 
 
+# What the CUDA graph holds, per --compile setting: None the eager step's kernels, else the
+# inductor options of the compiled step.
+COMPILE = {"off": None, "on": {}, "tuned": {"coordinate_descent_tuning": True}}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--append", action="store_true", help="add the rows to the list in --out (if it exists)")
     ap.add_argument("--name", default="llama3_mixed", help="train spec")
     ap.add_argument("--flavor", default="1B")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batches", "--batch", type=int, nargs="+", default=[1], help="sequences decoded together")
+    ap.add_argument("--compile", nargs="+", default=["on"], choices=list(COMPILE),
+                    help="what the CUDA graph replays (module docstring); default on")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16 on cuda, fp32 on cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eager-decode", action="store_true",
-                    help="decode eagerly on cuda too (default there: replay one captured CUDA graph per step)")
+                    help="decode eagerly on cuda too (default there: replay captured CUDA graphs)")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     spec = get_train_spec(a.name)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
-    rows = []
+    rows = json.load(open(a.out)) if a.append and os.path.exists(a.out) else []
     graph = device.type == "cuda" and not a.eager_decode
+    settings = a.compile if graph else ["off"]
     for ratio in a.ratios:
         args = copy.deepcopy(spec.model_args[a.flavor])
         args.linear_attn_ratio = ratio
         args.max_seq_len = max(a.contexts) + a.decode_tokens
         model = prepare_model(materialize(spec.model_cls, args, device, a.seed), dtype)
         for context in a.contexts:
-            row = {"config": f"{a.name} {a.flavor}", "ratio": ratio, "layer_map": args.layer_map,
-                   "batch": a.batch, "device": device_name, "dtype": str(dtype).removeprefix("torch."),
-                   "linear_attn_impl": impl_name(device, dtype, args.dim // args.n_heads),
-                   "decode": "cuda graph" if graph else "eager"}
-            try:
-                row.update(measure(model, context, a.decode_tokens, a.batch, device, a.seed, graph))
-            except torch.OutOfMemoryError as e:
-                row.update(context=context, error=f"OutOfMemoryError: {str(e).splitlines()[0][:200]}")
-                torch.cuda.empty_cache()
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            for batch in a.batches:
+                for setting in settings:
+                    row = {"config": f"{a.name} {a.flavor}", "ratio": ratio, "layer_map": args.layer_map,
+                           "batch": batch, "device": device_name, "dtype": str(dtype).removeprefix("torch."),
+                           "linear_attn_impl": impl_name(device, dtype, args.dim // args.n_heads),
+                           "decode": "cuda graph" if graph else "eager", "compile": setting}
+                    try:
+                        row.update(measure(model, context, a.decode_tokens, batch, device, a.seed, graph,
+                                           COMPILE[setting]))
+                    except torch.OutOfMemoryError as e:
+                        row.update(context=context, error=f"OutOfMemoryError: {str(e).splitlines()[0][:200]}")
+                        torch.cuda.empty_cache()
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
         # The model holds reference cycles (bound-method load hooks): collect it now, so the
         # next ratio's memory readings do not include it.
         del model

@@ -10,8 +10,9 @@ Reads whichever of these the folder holds (any suffix, e.g. attention_h100.json)
 - scaling_*.json (benchmarks/e2e_train.py --ngpu N): tokens/s per GPU of each config on N GPUs
   against 1 GPU at the same seq_len and local batch (weak-scaling efficiency), FSDP by default,
   other layouts (tensor parallel) named by their overrides;
-- inference_*.json (benchmarks/inference.py): prefill ms, decode ms per token, cache and peak
-  GiB by context for each linear-attention ratio.
+- inference_*.json (benchmarks/inference.py): prefill ms, decode ms per step, tokens/s, cache
+  and peak GiB by context, batch and compile setting for each linear-attention ratio; plots of
+  batch-1 decode by context and, where a file has several batches, tokens/s by batch.
 A measurement present twice in one file (e2e_train.py appends to its file) counts once: the
 last row wins. Plots are log-log and need matplotlib (pip install -e '.[bench]'); without it
 SUMMARY.md is still written and one line says the plots were skipped.
@@ -169,33 +170,57 @@ def tensor_parallel_degree(extra: str) -> int:
 
 
 def inference_section(name: str, rows: list[dict]) -> tuple[list[str], list[dict]]:
-    cells = latest(rows, "config", "ratio", "context")
-    configs = list(dict.fromkeys(c for c, _, _ in cells))
-    out = [f"## Inference ({name}.json)", "", f"Device: {devices(rows)}."]
-    decode, memory, errors = [], [], []
+    # Rows written before batches and compile settings existed are batch 1 and uncompiled.
+    cells = latest(rows, "config", "ratio", "context", "batch", "compile", "decode")
+    cells = {(c, r, ctx, b or 1, "eager" if dec == "eager" else comp or "off"): row
+             for (c, r, ctx, b, comp, dec), row in cells.items()}
+    configs = list(dict.fromkeys(k[0] for k in cells))
+    settings = list(dict.fromkeys(k[4] for k in cells))
+    out = [f"## Inference ({name}.json)", "", f"Device: {devices(rows)}. Compile: what the decode step's "
+           "CUDA graph replays (off: the eager step's kernels; on: the torch.compile'd step; "
+           "eager: no graph)."]
+    decode, memory, batched, errors = [], [], [], []
     for config in configs:
         body = []
-        for ratio in sorted({r for c, r, _ in cells if c == config}):
-            pts = sorted((ctx, row) for (c, r, ctx), row in cells.items() if c == config and r == ratio)
-            for ctx, row in pts:
-                if "error" in row:
-                    errors.append(f"{config} ratio {ratio} context {ctx}: {row['error']}")
-                body.append([str(ratio), str(ctx), fmt(row.get("prefill_ms")), fmt(row.get("decode_ms_per_token")),
-                             fmt(row.get("cache_gib")), fmt(row.get("peak_gib"))])
-            ok = [(ctx, row) for ctx, row in pts if row.get("decode_ms_per_token") is not None]
-            label = f"ratio {ratio}" if len(configs) == 1 else f"{config} ratio {ratio}"
-            xs = [c for c, _ in ok]
-            decode.append((label, xs, [r["decode_ms_per_token"] for _, r in ok], "-", label))
-            memory.append((f"{label} cache", xs, [r.get("cache_gib") for _, r in ok], "-", label))
-            memory.append((f"{label} peak", xs, [r.get("peak_gib") for _, r in ok], "--", label))
-        header = ["ratio", "context", "prefill ms", "decode ms/token", "cache GiB", "peak GiB"]
+        for (c, ratio, ctx, batch, setting), row in sorted(cells.items(), key=lambda kv: kv[0][1:4]):
+            if c != config:
+                continue
+            if "error" in row:
+                errors.append(f"{config} ratio {ratio} context {ctx} batch {batch} compile {setting}: {row['error']}")
+            body.append([str(ratio), str(ctx), str(batch), setting, fmt(row.get("prefill_ms")),
+                         fmt(row.get("decode_ms_per_token")), fmt(row.get("tokens_per_s")),
+                         fmt(row.get("cache_gib")), fmt(row.get("peak_gib"))])
+        for ratio in sorted({k[1] for k in cells if k[0] == config}):
+            prefix = f"ratio {ratio}" if len(configs) == 1 else f"{config} ratio {ratio}"
+            for setting in settings:
+                label = prefix if len(settings) == 1 else f"{prefix} compile {setting}"
+                ok = sorted((k[2], row) for k, row in cells.items() if k[0] == config and k[1] == ratio
+                            and k[3] == 1 and k[4] == setting and row.get("decode_ms_per_token") is not None)
+                if not ok:
+                    continue
+                xs = [x for x, _ in ok]
+                decode.append((label, xs, [r["decode_ms_per_token"] for _, r in ok], "-", label))
+                if setting == settings[0]:
+                    memory.append((f"{prefix} cache", xs, [r.get("cache_gib") for _, r in ok], "-", prefix))
+                    memory.append((f"{prefix} peak", xs, [r.get("peak_gib") for _, r in ok], "--", prefix))
+                for ctx in sorted({k[2] for k in cells if k[0] == config and k[1] == ratio and k[4] == setting}):
+                    pts = sorted((k[3], row) for k, row in cells.items() if k[:3] == (config, ratio, ctx)
+                                 and k[4] == setting and row.get("tokens_per_s") is not None)
+                    if len(pts) > 1:
+                        batched.append((f"{label} context {ctx}", [b for b, _ in pts],
+                                        [r["tokens_per_s"] for _, r in pts], "-", label))
+        header = ["ratio", "context", "batch", "compile", "prefill ms", "decode ms/step", "tokens/s",
+                  "cache GiB", "peak GiB"]
         out += ["", f"{config}:", "", *table(header, body)]
     plots = [
-        dict(file=f"{name}_decode.png", title=f"decode latency, {devices(rows)}", xlabel="context (tokens)",
-             ylabel="ms per token", lines=decode),
+        dict(file=f"{name}_decode.png", title=f"decode latency at batch 1, {devices(rows)}",
+             xlabel="context (tokens)", ylabel="ms per token", lines=decode),
         dict(file=f"{name}_memory.png", title=f"inference memory (solid: cache, dashed: peak), {devices(rows)}",
              xlabel="context (tokens)", ylabel="GiB", lines=memory),
     ]
+    if batched:
+        plots.append(dict(file=f"{name}_batch.png", title=f"batched decode, {devices(rows)}",
+                          xlabel="batch (sequences)", ylabel="tokens per second", lines=batched))
     return out + error_lines(errors), plots
 
 

@@ -79,10 +79,11 @@ def test_report_tables(tmp_path):
     ]
     assert "boom" not in md  # the failed row was replaced by its rerun
 
-    # inference: ratio | context | prefill ms | decode ms/token | cache GiB | peak GiB
-    assert _rows(md, "0.0") == [["0.0", "1024", "1.50", "7.25", "0.135", "3.00"],
-                                ["0.0", "4096", "6.00", "7.25", "0.510", "3.00"]]
-    assert _rows(md, "0.5")[1] == ["0.5", "4096", "6.00", "7.75", "0.260", "3.00"]
+    # inference: ratio | context | batch | compile | prefill ms | decode ms/step | tokens/s | cache GiB |
+    # peak GiB; rows without batch or compile (written before they existed) are batch 1, "off"
+    assert _rows(md, "0.0") == [["0.0", "1024", "1", "off", "1.50", "7.25", "—", "0.135", "3.00"],
+                                ["0.0", "4096", "1", "off", "6.00", "7.25", "—", "0.510", "3.00"]]
+    assert _rows(md, "0.5")[1] == ["0.5", "4096", "1", "off", "6.00", "7.75", "—", "0.260", "3.00"]
 
     pngs = {"attention_h100_time.png", "attention_h100_memory.png", "inference_h100_decode.png",
             "inference_h100_memory.png"}
@@ -93,6 +94,23 @@ def test_report_tables(tmp_path):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
         assert f"![{name}]({name})" in md
+
+
+def test_report_inference_batches_and_compile_settings(tmp_path):
+    step_ms = lambda ms, b: ms * (1 + b / 64)  # noqa: E731
+    rows = [{"config": "llama3_1b", "ratio": 0.5, "context": 4096, "batch": b, "compile": comp, "device": DEV,
+             "prefill_ms": 10.0 * b, "decode_ms_per_token": step_ms(ms, b), "tokens_per_s": 1000 * b / step_ms(ms, b),
+             "cache_gib": 0.1 * b, "peak_gib": 3.0}
+            for comp, ms in (("off", 2.0), ("on", 1.0)) for b in (1, 8, 64)]
+    _write(tmp_path, inference_h200=rows)
+    proc = _run(tmp_path)
+    md = (tmp_path / "SUMMARY.md").read_text()
+    got = {(r[2], r[3], r[5], r[6]) for r in _rows(md, "0.5")}
+    assert got == {("1", "off", "2.03", "492"), ("8", "off", "2.25", "3,556"), ("64", "off", "4.00", "16,000"),
+                   ("1", "on", "1.02", "985"), ("8", "on", "1.12", "7,111"), ("64", "on", "2.00", "32,000")}
+    if HAS_MPL:
+        assert (tmp_path / "inference_h200_batch.png").exists() and "inference_h200_batch.png" in md
+    assert "Traceback" not in proc.stderr
 
 
 def test_report_reads_whichever_files_exist(tmp_path):

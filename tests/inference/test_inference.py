@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from titan_linear.inference import (
+    bucket_length,
     Caches,
     KVCache,
     SamplingConfig,
@@ -31,7 +32,9 @@ def _model(ratio: float, dtype=torch.float32, seed: int = 0, max_len: int = 64):
 
 
 def _fixed_shape_step(model, token, caches):
-    # graph_decode.static_decode_step as GraphDecoder drives it, without the graph (CPU).
+    # graph_decode.static_decode_step as GraphDecoder drives it, without the graph (CPU): room
+    # for the token first, which moves the KV storage to the next bucket when it is full.
+    caches.reserve(caches.length + 1)
     logits = static_decode_step(model, token.reshape(-1, 1), caches, torch.tensor([caches.length]))
     caches.length += 1
     return logits
@@ -45,12 +48,13 @@ def test_prefill_then_decode_step_matches_parallel_forward(ratio, prompt_len, st
     torch.manual_seed(1)
     tokens = torch.randint(0, 2048, (2, 41))
     expected = model(tokens)  # (2, 41, vocab): one parallel forward over the whole sequence
-    # Room for 7 more positions: the fixed-shape step reads the unwritten ones (weight 0).
-    logits, caches = prefill(model, tokens[:, :prompt_len], max_len=48, all_logits=True)
+    # KV storage in buckets of 8, 16, 32, then 48 = max_len: the steps cross each boundary, and
+    # the fixed-shape step reads the unwritten positions of the bucket (weight 0).
+    logits, caches = prefill(model, tokens[:, :prompt_len], max_len=48, all_logits=True, min_bucket=8)
     steps = [step(model, tokens[:, t], caches) for t in range(prompt_len, 41)]
     got = torch.cat([logits, torch.stack(steps, dim=1)], dim=1)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
-    assert caches.length == 41
+    assert caches.length == 41 and caches.capacity == 48
 
 
 def test_prefill_then_decode_step_matches_parallel_forward_oelm(ratio=0.5):
@@ -113,11 +117,45 @@ def test_linear_cache_constant_kv_cache_grows(ratio):
         lin, soft = _bytes_by_kind(model, caches)
         assert lin == lin0, "linear layers' state must not grow"
         assert soft == soft0 + step * per_token
-        assert caches.allocated_nbytes() == allocated  # preallocated: nothing is reallocated
+        assert caches.allocated_nbytes() == allocated  # max_len is under one bucket: no move
     assert {n: c.S.shape for n, c in caches.layers.items() if isinstance(c, RecurrentState)} == shapes
     # 4 kv heads x (16 x 16 + 16) fp32 numbers per linear layer, whatever the length
     assert lin0 == n_lin * 4 * (16 * 16 + 16) * 4
     assert sum(isinstance(c, KVCache) for c in caches.layers.values()) == n_soft
+
+
+def test_bucket_length_powers_of_two_from_min_bucket_up_to_max_len():
+    assert [bucket_length(n, 100, 8) for n in (0, 1, 8, 9, 16, 17, 64, 65, 100)] == [8, 8, 8, 16, 16, 32, 64, 100, 100]
+    assert bucket_length(1000, 4096) == 1024 and bucket_length(1025, 4096) == 2048
+    assert bucket_length(3, 5, 8) == 5
+
+
+@pytest.mark.parametrize("step", [decode_step, _fixed_shape_step], ids=["eager", "fixed_shape"])
+def test_kv_cache_grows_by_buckets_and_keeps_its_contents(step):
+    model = _model(0.5)
+    tokens = torch.randint(0, 2048, (2, 20))
+    _, grown = prefill(model, tokens[:, :3], max_len=20, min_bucket=4)
+    _, whole = prefill(model, tokens[:, :3], max_len=20, min_bucket=20)  # one bucket: never moves
+    per_position = sum(2 * c.k[:, :, :1].nbytes for c in grown.kv_caches())
+    states = grown.allocated_nbytes() - per_position * grown.capacity  # recurrent: fixed size
+    capacities = [grown.capacity]
+    for t in range(3, 20):
+        step(model, tokens[:, t], grown)
+        step(model, tokens[:, t], whole)
+        capacities.append(grown.capacity)
+        assert grown.allocated_nbytes() == states + per_position * grown.capacity
+    assert capacities == [4] + [4] + [8] * 4 + [16] * 8 + [20] * 4
+    # Bitwise for the eager step, which reads exactly the filled positions either way; the
+    # fixed-shape step reads the whole bucket, and its masked positions change the order of the
+    # softmax's sums (fp32 rounding).
+    atol = 0 if step is decode_step else 1e-6
+    as_tuple = lambda c: (c.k, c.v) if isinstance(c, KVCache) else tuple(c)  # noqa: E731
+    for name, c in whole.layers.items():
+        torch.testing.assert_close(as_tuple(grown.layers[name]), as_tuple(c), rtol=0, atol=atol,
+                                   msg=lambda m: f"layer {name}: {m}")
+    with pytest.raises(ValueError, match="the caches are full: max_len = 20 positions"):
+        step(model, tokens[:, 0], grown)
+    assert grown.length == 20
 
 
 def test_decode_step_refuses_to_overrun_the_kv_cache():
@@ -187,13 +225,21 @@ def test_benchmark_cpu_smoke(tmp_path):
     out = tmp_path / "inf.json"
     bench.main(["--device", "cpu", "--flavor", "debugmodel", "--contexts", "16", "32",
                 "--ratios", "0", "1", "--decode-tokens", "2", "--out", str(out)])
+    bench.main(["--device", "cpu", "--flavor", "debugmodel", "--contexts", "16", "--ratios", "0.5",
+                "--batches", "1", "3", "--decode-tokens", "2", "--out", str(out), "--append"])
     rows = json.loads(out.read_text())
-    assert [(r["ratio"], r["context"]) for r in rows] == [(0.0, 16), (0.0, 32), (1.0, 16), (1.0, 32)]
+    assert [(r["ratio"], r["context"], r["batch"]) for r in rows] == [
+        (0.0, 16, 1), (0.0, 32, 1), (1.0, 16, 1), (1.0, 32, 1), (0.5, 16, 1), (0.5, 16, 3)]
     for r in rows:
         assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0 and r["device"] == "cpu"
-    cache = {(r["ratio"], r["context"]): r["cache_gib"] for r in rows}
-    assert cache[(1.0, 16)] == cache[(1.0, 32)]  # recurrent states: independent of the context
-    assert cache[(0.0, 32)] > cache[(0.0, 16)]  # KV caches: grow with it
+        assert r["decode"] == "eager" and r["compile"] == "off" and r["capture_s"] is None
+        assert r["tokens_per_s"] == pytest.approx(1000 * r["batch"] / r["decode_ms_per_token"], abs=0.1)
+        # eagerly, a step reads the filled positions: context + 2 at the last of 2 steps
+        assert r["kv_positions"] == (0 if r["ratio"] == 1.0 else r["context"] + 2)
+    cache = {(r["ratio"], r["context"], r["batch"]): r["cache_gib"] for r in rows}
+    assert cache[(1.0, 16, 1)] == cache[(1.0, 32, 1)]  # recurrent states: independent of the context
+    assert cache[(0.0, 32, 1)] > cache[(0.0, 16, 1)]  # KV caches: grow with it
+    assert cache[(0.5, 16, 3)] == pytest.approx(3 * cache[(0.5, 16, 1)], rel=1e-2)  # and with the batch
 
 
 def _save_dcp(model, path) -> None:

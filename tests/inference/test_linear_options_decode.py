@@ -21,12 +21,13 @@ def _model(options: dict, layers=(0, 2)):
 
 
 def _fixed_shape_step(model, token, caches):
+    caches.reserve(caches.length + 1)
     logits = static_decode_step(model, token.reshape(-1, 1), caches, torch.tensor([caches.length]))
     caches.length += 1
     return logits
 
 
-CASES = [(name, decode_step) for name in OPTIONS] + [("all", _fixed_shape_step)]
+CASES = [(name, decode_step) for name in OPTIONS] + [(name, _fixed_shape_step) for name in ("all", "decay_per_feature")]
 
 
 @pytest.mark.parametrize("name,step", CASES, ids=[f"{n}-{s.__name__.strip('_')}" for n, s in CASES])
@@ -35,9 +36,10 @@ def test_decode_matches_parallel_forward(name, step):
     torch.manual_seed(1)
     tokens = torch.randint(0, 256, (2, 20))
     expected = model(tokens)
-    # a prompt of 2 < kernel - 1 positions: the convolution state starts partly zero
+    # a prompt of 2 < kernel - 1 positions: the convolution state starts partly zero; the KV
+    # storage of the softmax layer grows through buckets of 4, 8, 16 and 24 positions
     for prompt_len in (2, 9):
-        logits, caches = prefill(model, tokens[:, :prompt_len], max_len=24, all_logits=True)
+        logits, caches = prefill(model, tokens[:, :prompt_len], max_len=24, all_logits=True, min_bucket=4)
         steps = [step(model, tokens[:, t], caches) for t in range(prompt_len, 20)]
         got = torch.cat([logits, torch.stack(steps, dim=1)], dim=1)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
@@ -67,13 +69,15 @@ def test_conv_state_is_fixed_size_and_generation_runs():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_graph_decoder_with_all_options_matches_eager_on_gpu():
+@pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled_graph"])
+def test_graph_decoder_with_all_options_matches_eager_on_gpu(compile):
     from titan_linear.inference.graph_decode import GraphDecoder
 
     model = _model(OPTIONS["all"]).cuda()
     tokens = torch.randint(0, 256, (2, 20), device="cuda")
     _, eager = prefill(model, tokens[:, :7], max_len=24)
-    _, graph = prefill(model, tokens[:, :7], max_len=24)
-    step = GraphDecoder(model, graph)
+    # KV buckets of 8, 16 and 24 positions: a graph captured for each
+    _, graph = prefill(model, tokens[:, :7], max_len=24, min_bucket=4)
+    step = GraphDecoder(model, graph, compile=compile)
     for t in range(7, 20):
         torch.testing.assert_close(step(tokens[:, t]), decode_step(model, tokens[:, t], eager), rtol=1e-4, atol=1e-4)

@@ -20,7 +20,8 @@ class GenerationResult:
         prefill_ms: wall time of the prefill (prompt forward and cache fill).
         decode_ms: wall time of each decode step, one per token fed back into the model.
         stopped_on_eos: generation ended because EOS was sampled.
-        capture_ms: wall time of capturing the decode step's CUDA graph (0 when decoding eagerly).
+        capture_ms: wall time of compiling and capturing the decode step's CUDA graphs, one per
+            bucket of KV storage the text reached (0 when decoding eagerly); not in decode_ms.
     """
 
     tokens: list[int]
@@ -55,6 +56,7 @@ def generate(
     seed: int = 0,
     eos_id: int | None = None,
     cuda_graph: bool | None = None,
+    compile: bool = True,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after `prompt` (one sequence).
 
@@ -70,6 +72,8 @@ def generate(
         eos_id: stop once this token is sampled (it is not returned); default None never stops early.
         cuda_graph: decode by replaying a CUDA graph (graph_decode.py) rather than eagerly;
             default None: on a CUDA model, when more than one token is asked for.
+        compile: with cuda_graph, capture the torch.compile'd step (graph_decode.compiled_step:
+            one compile per model and batch size in a process); default True.
     """
     if not prompt:
         raise ValueError("the prompt must hold at least one token")
@@ -86,10 +90,11 @@ def generate(
     result = GenerationResult([], prefill_ms=1000.0 * (_now(device) - start))
     if cuda_graph is None:
         cuda_graph = device.type == "cuda" and max_new_tokens > 1
-    start = _now(device)
-    step = decoder(model, caches, cuda_graph)
-    if cuda_graph:
-        result.capture_ms = 1000.0 * (_now(device) - start)
+    step = decoder(model, caches, cuda_graph, compile)
+
+    def captured() -> float:  # GraphDecoder's running total of compile and capture time
+        return step.capture_ms if cuda_graph else 0.0
+
     while True:
         token_id = int(token)  # waits for the device, as any streaming decoder must
         if eos_id is not None and token_id == eos_id:
@@ -98,8 +103,10 @@ def generate(
         result.tokens.append(token_id)
         if len(result.tokens) == max_new_tokens:
             break
-        start = _now(device)
+        start, before = _now(device), captured()
         logits = step(token)
         token = sample(logits, sampling, generator)
-        result.decode_ms.append(1000.0 * (_now(device) - start))
+        # A step that reached a new bucket captured its graph first: that time is capture time.
+        result.decode_ms.append(1000.0 * (_now(device) - start) - (captured() - before))
+    result.capture_ms = captured()
     return result

@@ -6,7 +6,7 @@ efficient-attention path for linear layers), so the prompt's logits are those of
 q, k, v that the block attends with, (bs, heads, seqlen, head_dim), RoPE already applied
 in softmax layers, and stores:
 
-- softmax layer: k and v into its preallocated KVCache;
+- softmax layer: k and v into its KVCache (storage of the prompt's bucket, cache.py);
 - linear layer: the recurrent state after the last prompt token, computed directly instead
   of by running the recurrence over the prompt (a Python loop of T steps):
 
@@ -26,7 +26,7 @@ from torch import nn
 from titan_linear.ops.efficient_attn import RecurrentState
 from titan_linear.ops.efficient_attn.naive import compute_dtype
 
-from .cache import Caches, is_linear, KVCache
+from .cache import Caches, is_linear, KVCache, MIN_BUCKET
 
 
 def recurrent_state_from_prompt(k: torch.Tensor, v: torch.Tensor) -> RecurrentState:
@@ -74,6 +74,7 @@ def prefill(
     tokens: torch.Tensor,
     max_len: int | None = None,
     all_logits: bool = False,
+    min_bucket: int = MIN_BUCKET,
 ) -> tuple[torch.Tensor, Caches]:
     """Run the prompt through the model and return its logits and the filled caches.
 
@@ -81,10 +82,11 @@ def prefill(
         model: a llama3 `Transformer` (HybridTransformer, OELMTransformer or stock), prepared by
             `prepare_model` so that its RoPE table covers max_len.
         tokens: (bs, seqlen) prompt ids.
-        max_len: positions the KV caches hold (prompt + tokens to decode); default: the length of
-            the model's RoPE table.
+        max_len: the most tokens the caches may hold (prompt + tokens to decode); default: the
+            length of the model's RoPE table. The KV storage grows up to it as the text does.
         all_logits: return the logits of every prompt position; default False returns the last
             position's only, which skips the (seqlen x vocab) output projection of long prompts.
+        min_bucket: the smallest KV storage in positions (cache.py); default 256.
 
     Returns:
         (logits, caches): logits (bs, seqlen or 1, vocab); caches with length = seqlen.
@@ -98,7 +100,8 @@ def prefill(
             f"max_len = {max_len} exceeds the model's RoPE table ({model.freqs_cis.shape[0]} "
             "positions): call prepare_model(model, max_len=...) first"
         )
-    caches = Caches.allocate(model, bs, max_len)
+    caches = Caches.allocate(model, bs, max_len, min_bucket)
+    caches.reserve(seqlen)
     handles = [
         block.attention.inner_attention.register_forward_pre_hook(_store_hook(caches, name, is_linear(block)))
         for name, block in model.layers.items()
