@@ -5,8 +5,8 @@ bound by launch overhead, not by reading the weights and caches (the 1B model on
 7-12 ms a token eagerly, 2.2-3.5 ms replayed from a graph; benchmarks/results/inference_h100*).
 A CUDA graph replays the same kernels in one launch, but replays each of them: the graph of
 the eager step still held dozens of small elementwise kernels per layer (norms, RoPE, the
-linear layers' feature softmax and state update, residuals), and took 2.2 ms where reading
-the 1B weights once takes about 0.5 ms. So by default the step is first compiled with
+linear layers' feature softmax and state update, residuals), and took 2.2 ms on an H100,
+where reading the 1B weights once takes 0.74 ms (docs/inference.md). So by default the step is first compiled with
 torch.compile (inductor fuses those elementwise ops into a few kernels per layer), and the
 compiled step is what the graph captures.
 
@@ -25,8 +25,9 @@ ways, with the same maths:
 - linear layers write their new recurrent state (and short-convolution inputs) into the state
   tensors in place.
 
-`static_decode_step` runs on any device (CPU tests check it against the parallel forward, the
-compiled step too); `GraphDecoder` captures it on CUDA (GPU tests check it against decode_step).
+`static_decode_step` runs on any device (CPU tests check it against the parallel forward, and
+the compiled step against decode_step); `GraphDecoder` captures it on CUDA (GPU tests check it
+against decode_step).
 """
 
 import functools
