@@ -157,7 +157,10 @@ def bwd_key_kernel(
     bx = BX + base * DK * (DV + 1)
     Bs = tl.load(bx + dk[:, None] * (DV + 1) + vb * BV + dv[None, :])
     bs = tl.load(bx + dk * (DV + 1) + DV)
-    first = tl.where(vb == 0, 1.0, 0.0)  # 1 in the block that adds the terms without values
+    if BV < DV:  # value blocks: the terms without values go into block 0's part only
+        first = tl.where(vb == 0, 1.0, 0.0)
+    else:  # one block: a constant 1, which the compiler folds away (the kernel as it was)
+        first = 1.0
     r_next = tl.load(Z_END + base * DK + dk)
     vs = tl.load(VSHIFT + bhk.to(tl.int64) * DV + vb * BV + dv)
     H = HK * G
