@@ -123,6 +123,13 @@ def measure(model, context: int, decode_tokens: int, batch: int, device: torch.d
 COMPILE = {"off": None, "on": {}, "tuned": {"coordinate_descent_tuning": True}}
 
 
+def _positive(text: str) -> int:
+    """argparse type of the sizes: an integer >= 1 (0 sequences or positions would fail deep inside)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: an integer >= 1")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -130,9 +137,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--name", default="llama3_mixed", help="train spec")
     ap.add_argument("--flavor", default="1B")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.5, 1.0])
-    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
-    ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--batches", "--batch", type=int, nargs="+", default=[1], help="sequences decoded together")
+    ap.add_argument("--contexts", type=_positive, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    ap.add_argument("--decode-tokens", type=_positive, default=32)
+    ap.add_argument("--batches", "--batch", type=_positive, nargs="+", default=[1], help="sequences decoded together")
     ap.add_argument("--compile", nargs="+", default=["on"], choices=list(COMPILE),
                     help="what the CUDA graph replays (module docstring); default on")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
