@@ -81,7 +81,7 @@ def main() -> int:
             for fields in candidates:
                 cfg = table._replace(**fields)
                 row = {"impl": "titan_triton", "T": T, "batch": B, "heads": a.heads, "head_dim": D, "device": device,
-                       **{f: getattr(cfg, f) for f in FIELDS}, "prec": cfg.prec, "table": not fields}
+                       **{f: getattr(cfg, f) for f in NAMED}, "prec": cfg.prec, "table": not fields}
                 try:
                     row["rel_err"] = round(_rel_err(fields, reference, B, a.heads, T, D), 5)
                     with override(**fields):
@@ -98,8 +98,8 @@ def main() -> int:
             if timed:
                 base = next((r for r in timed if r["table"]), None)
                 win = min(timed, key=lambda r: r["ms"])
-                best.append(f"head_dim {D} T {T}: fastest {':'.join(str(win[f]) for f in FIELDS)} {win['ms']} ms; "
-                            f"table {':'.join(str(getattr(table, f)) for f in FIELDS)} "
+                best.append(f"head_dim {D} T {T}: fastest {','.join(f'{f}={win[f]}' for f in NAMED)} {win['ms']} ms; "
+                            f"table {','.join(f'{f}={getattr(table, f)}' for f in NAMED)} "
                             f"{base['ms'] if base else 'failed'} ms")
     print("\n".join(best))
     return 0
