@@ -250,7 +250,7 @@ def test_tuning_table_covers_every_supported_key():
     # The measured winners (bf16: benchmarks/results/tune_h200.json); unmeasured keys keep the
     # kernels' old defaults.
     assert TABLE[(64, torch.bfloat16)][:3] == (512, 16, 4)
-    assert TABLE[(128, torch.bfloat16)][:3] == (512, 16, 8)
+    assert TABLE[(128, torch.bfloat16)][:3] == (1024, 16, 8)
     assert TABLE[(64, torch.float16)][:3] == TABLE[(32, torch.bfloat16)][:3] == (256, 16, 4)
     assert TABLE[(128, torch.float32)][:3] == (256, 16, 8)
     with pytest.raises(ValueError, match="head dims"):

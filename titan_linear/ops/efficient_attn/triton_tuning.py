@@ -103,6 +103,11 @@ _PREC = {torch.bfloat16: "bf16", torch.float16: "tf32", torch.float32: "ieee"}
 #   any 4-warp candidate 14.3-16.0: its (d_k, d_v) fp32 state alone is 128 registers per
 #   thread at 4 warps). attention_h200_tuning.json has them at T = 2K-64K against the old 256.
 #   Chunk 1024 was faster still at 8K (2.55 and 9.51 ms) but was timed at no other T.
+# - H200, 2026-12-04 (tune_h200_vsplit*.json): head dim 128, 1024/16/8 against 512/16/8 at T = 2K
+#   / 8K / 64K: 9.83 / 9.47 / 9.53 ms against 9.98 / 9.76 / 9.72, so the table takes 1024. Value
+#   blocks (v_split) lost everywhere: 512/16/4 v_split 2 14.9 ms, 8 warps 17.0, v_split 4 21.5,
+#   256/16/4 v_split 2 15.4, 1024/16/4 v_split 2 14.7; at head dim 64 v_split 2 6.2 ms against
+#   2.63. Head dim 64 at 1024/16/4: 2.55 ms at 8K (twice), other T not timed, so it stays at 512.
 # Not measured, so the defaults the kernels had before this table (chunk 256, sub-chunk 16,
 # 4 warps up to head dim 64, 8 at 128): every fp16 and fp32 entry and head dims 16 and 32. The
 # scans' 8 chunks x 64 elements were never swept. A larger chunk also sends more positions to
@@ -118,7 +123,7 @@ _TILES = {  # (head dim, dtype): (chunk, sub_chunk, warps)
     (64, _BF16): (512, 16, 4),   # measured: H200 (above)
     (64, _FP16): (256, 16, 4),   # not measured
     (64, _FP32): (256, 16, 4),   # not measured
-    (128, _BF16): (512, 16, 8),  # measured: H200 (above)
+    (128, _BF16): (1024, 16, 8),  # measured: H200 (above)
     (128, _FP16): (256, 16, 8),  # not measured
     (128, _FP32): (256, 16, 8),  # not measured
 }
