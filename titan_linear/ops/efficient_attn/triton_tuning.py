@@ -55,8 +55,10 @@ class LaunchConfig(NamedTuple):
                  d_v / v_split) slice of the state. At head dim 128 the whole fp32 state is 128
                  registers per thread at 4 warps; a slice of half is 64. The products over the
                  keys (the c × c block, the query softmax) are recomputed per block, and dq and
-                 dk, sums over the value features, are summed from per-block fp32 parts. 1 (the
-                 kernels as they were) unless a measurement chose otherwise; d_v / v_split >= 16.
+                 dk, sums over the value features, are summed from per-block fp32 parts. 1 in
+                 every entry: on an H200 every split was slower (head dim 128: 14.7-21.5 ms
+                 against 9.5-9.8; head dim 64: 6.2 against 2.6), the recomputed products and
+                 the fp32 parts costing more than the smaller state saves. d_v / v_split >= 16.
     """
 
     chunk: int = 256
