@@ -6,7 +6,9 @@ Reads whichever of these the folder holds (any suffix, e.g. attention_h100.json)
 - attention_*.json (benchmarks/attention.py): ms and peak GiB of fwd+bwd by T for each impl
   and head dim, and each impl's speed-up over sdpa (sdpa ms / impl ms: above 1 is faster);
 - e2e_*.json (benchmarks/e2e_train.py): tokens/s, MFU and peak memory per config and seq_len,
-  and each config's tokens/s relative to the baseline config (--baseline) at the same seq_len;
+  and each config's tokens/s relative to its baseline at the same seq_len: the config of the
+  same name without its `_linear_...` part (llama3_3b_linear_0.50 against llama3_3b), or one
+  config for all with --baseline;
 - scaling_*.json (benchmarks/e2e_train.py --ngpu N): tokens/s per GPU of each config on N GPUs
   against 1 GPU at the same seq_len and local batch (weak-scaling efficiency), FSDP by default,
   other layouts (tensor parallel) named by their overrides;
@@ -104,20 +106,27 @@ def run_error(r: dict, what: str) -> list[str]:
     return [f"{what}: {err[-1] if isinstance(err, list) and err else err}"]
 
 
-def e2e_section(name: str, rows: list[dict], baseline: str) -> tuple[list[str], list[dict]]:
+def baseline_of(config: str, baseline: str | None) -> str:
+    """The config a row's tokens/s is compared with: `baseline` if given, else the config's name
+    cut before "_linear_" (a shipped hybrid against the softmax config of its shape)."""
+    return baseline or config.split("_linear_")[0]
+
+
+def e2e_section(name: str, rows: list[dict], baseline: str | None = None) -> tuple[list[str], list[dict]]:
     # Rows of the torch and the Triton path of linear layers are kept apart; each is compared
     # with the baseline measured in the same campaign (same impl label).
     # Runs with overrides (no activation checkpointing, ...) or another batch are their own
     # rows, compared with the baseline run the same way.
     cells = latest(rows, "config", "seq_len", "local_batch_size", "extra_args", "linear_attn_impl")
-    base = {(s, b, x, i): r.get("tokens_per_s") for (c, s, b, x, i), r in cells.items() if c == baseline}
+    base = {(c, s, b, x, i): r.get("tokens_per_s") for (c, s, b, x, i), r in cells.items()}
     overrides = any(x for _, _, _, x, _ in cells)
     body, errors = [], []
     for (config, seq, batch, extra, impl), r in sorted(
             cells.items(), key=lambda kv: (str(kv[0][4]), str(kv[0][3]), kv[0][1], str(kv[0][2]),
-                                           kv[0][0] != baseline, kv[0][0])):
+                                           baseline_of(kv[0][0], baseline), kv[0][0] != baseline_of(kv[0][0], baseline),
+                                           kv[0][0])):
         tps = r.get("tokens_per_s")
-        ref = base.get((seq, batch, extra, impl))
+        ref = base.get((baseline_of(config, baseline), seq, batch, extra, impl))
         ratio = f"{tps / ref:.2f}" if tps and ref else "—"
         errors += run_error(r, f"{config} seq_len {seq} {extra or ''}".strip())
         mfu = r.get("mfu")
@@ -126,7 +135,7 @@ def e2e_section(name: str, rows: list[dict], baseline: str) -> tuple[list[str], 
                     + [f"{tps:,.0f}" if tps else "failed", f"{mfu:.1f}%" if mfu is not None else "—",
                        fmt(r.get("peak_gib")), ratio, fmt(r.get("final_loss"), 4)])
     header = (["config", "seq_len", "batch", "linear layers"] + (["overrides"] if overrides else [])
-              + ["tokens/s", "MFU", "peak GiB", f"tokens/s vs {baseline}", "final loss"])
+              + ["tokens/s", "MFU", "peak GiB", f"tokens/s vs {baseline or 'baseline'}", "final loss"])
     out = [f"## End-to-end training ({name}.json)", "", f"Device: {devices(rows)}.", "", *table(header, body)]
     return out + error_lines(errors), []
 
@@ -260,7 +269,7 @@ def draw(plots: list[dict], folder: Path) -> list[str]:
     return written
 
 
-def render(folder: Path, baseline: str = "llama3_1b") -> tuple[Path, str | None]:
+def render(folder: Path, baseline: str | None = None) -> tuple[Path, str | None]:
     """Write folder/SUMMARY.md (and the plots when matplotlib is present).
 
     Returns the summary's path and, when plots were skipped, why."""
@@ -299,7 +308,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"),
                     help="folder with the JSON files; SUMMARY.md and the plots are written there")
-    ap.add_argument("--baseline", default="llama3_1b", help="e2e config the others are compared with")
+    ap.add_argument("--baseline", default=None,
+                    help="e2e config every other is compared with (default: each config's own, its name "
+                         "without the _linear_... part)")
     a = ap.parse_args()
     folder = Path(a.results)
     if not folder.is_dir():

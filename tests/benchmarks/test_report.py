@@ -183,3 +183,21 @@ def test_report_e2e_rows_with_overrides_compare_with_the_baseline_run_the_same_w
     md = (tmp_path / "SUMMARY.md").read_text()
     got = {(r[4], r[5], r[8]) for r in _rows(md, "llama3_1b_linear_0.50")}
     assert got == {("—", "44,000", "1.10"), (no_ac, "60,000", "1.20")}
+
+
+def test_report_e2e_compares_each_hybrid_with_the_softmax_config_of_its_shape(tmp_path):
+    # One file with two shapes: each hybrid against its own shape's baseline, not llama3_1b's.
+    run = {"seq_len": 8192, "local_batch_size": 1, "returncode": 0, "device": DEV, "linear_attn_impl": "triton",
+           "extra_args": "", "peak_gib": 50.0}
+    rows = [dict(run, config="llama3_1b", tokens_per_s=40000),
+            dict(run, config="llama3_1b_linear_0.50", tokens_per_s=44000),
+            dict(run, config="llama3_3b", tokens_per_s=20000),
+            dict(run, config="llama3_3b_linear_0.50", tokens_per_s=21000),
+            dict(run, config="llama3_3b_linear_1.00", tokens_per_s=30000)]
+    _write(tmp_path, e2e_h200=rows)
+    _run(tmp_path)
+    md = (tmp_path / "SUMMARY.md").read_text()
+    ratio = {c: _rows(md, c)[0][7] for c in ("llama3_1b", "llama3_1b_linear_0.50", "llama3_3b",
+                                               "llama3_3b_linear_0.50", "llama3_3b_linear_1.00")}
+    assert ratio == {"llama3_1b": "1.00", "llama3_1b_linear_0.50": "1.10", "llama3_3b": "1.00",
+                     "llama3_3b_linear_0.50": "1.05", "llama3_3b_linear_1.00": "1.50"}
