@@ -19,19 +19,22 @@ model is the train spec's flavor with `linear_attn_ratio` set (uniform placement
     python benchmarks/inference.py --device cpu --flavor debugmodel --contexts 64 128 --out /tmp/inf.json
 
 Rows (one JSON object each, printed and written as a list to --out, or added to its list with
---append): config, ratio, layer_map, batch, context, compile, prefill_ms, decode_ms_per_token
+--append; the file is rewritten after every row): config, ratio, layer_map, batch, context,
+compile, kv_splits (`--kv-splits`: blocks of the softmax layers' product with V over the KV
+positions, graph_decode._cached_attention; 1 is the plain product), prefill_ms, decode_ms_per_token
 (mean time per step: one token for each of the batch's sequences), tokens_per_s (batch /
 seconds per step), kv_positions (KV positions each softmax layer reads at the last step: the
 bucket for a graph, the filled positions eagerly; 0 without softmax layers), capture_s
 (compiling and capturing; null when eager), cache_gib (caches as grown by the end: KV storage
 plus recurrent states), peak_prefill_gib / peak_decode_gib (CUDA max allocated during each
 phase, weights included; null on CPU), peak_gib (the larger), device, dtype,
-linear_attn_impl, decode.
+linear_attn_impl, decode ("cuda graph", "eager", or "cuda graph, N kv splits").
 """
 
 import argparse
 import copy
 import gc
+import itertools
 import json
 import os
 import sys
@@ -68,7 +71,7 @@ def _peak_gib(device: torch.device) -> float | None:
 
 
 def measure(model, context: int, decode_tokens: int, batch: int, device: torch.device, seed: int,
-            graph: bool = False, compile_options: dict | None = None) -> dict:
+            graph: bool = False, compile_options: dict | None = None, kv_splits: int = 1) -> dict:
     """Prefill and decode timings and memory at one context length and batch size; graph: decode
     by replaying CUDA graphs (titan_linear/inference/graph_decode.py) instead of eagerly, of the
     torch.compile'd step with these inductor options unless compile_options is None."""
@@ -90,7 +93,8 @@ def measure(model, context: int, decode_tokens: int, batch: int, device: torch.d
     token = logits[:, -1].argmax(-1)
     if graph:
         # Compiles (once per model and batch size) and captures the first step's graph here.
-        step = GraphDecoder(model, caches, compile=compile_options is not None, compile_options=compile_options)
+        step = GraphDecoder(model, caches, compile=compile_options is not None, compile_options=compile_options,
+                            kv_splits=kv_splits)
     else:
         step = lambda tok: decode_step(model, tok, caches)  # noqa: E731
     times = []
@@ -142,6 +146,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--batches", "--batch", type=_positive, nargs="+", default=[1], help="sequences decoded together")
     ap.add_argument("--compile", nargs="+", default=["on"], choices=list(COMPILE),
                     help="what the CUDA graph replays (module docstring); default on")
+    ap.add_argument("--kv-splits", type=_positive, nargs="+", default=[1],
+                    help="blocks of the softmax layers' attention-times-V product over the KV positions in the "
+                         "graph's step (graph_decode._cached_attention); several give one row each")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16 on cuda, fp32 on cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -156,6 +163,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = json.load(open(a.out)) if a.append and os.path.exists(a.out) else []
     graph = device.type == "cuda" and not a.eager_decode
     settings = a.compile if graph else ["off"]
+    if not graph and a.kv_splits != [1]:
+        ap.error(f"--kv-splits {' '.join(map(str, a.kv_splits))}: splits apply to the CUDA-graph step only "
+                 f"(a CUDA device without --eager-decode)")
     for ratio in a.ratios:
         args = copy.deepcopy(spec.model_args[a.flavor])
         args.linear_attn_ratio = ratio
@@ -163,19 +173,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model = prepare_model(materialize(spec.model_cls, args, device, a.seed), dtype)
         for context in a.contexts:
             for batch in a.batches:
-                for setting in settings:
+                for setting, splits in itertools.product(settings, a.kv_splits):
+                    decode = "cuda graph" if graph else "eager"
                     row = {"config": f"{a.name} {a.flavor}", "ratio": ratio, "layer_map": args.layer_map,
                            "batch": batch, "device": device_name, "dtype": str(dtype).removeprefix("torch."),
                            "linear_attn_impl": impl_name(device, dtype, args.dim // args.n_heads),
-                           "decode": "cuda graph" if graph else "eager", "compile": setting}
+                           # the split names its own decode label, so reports keep its rows apart
+                           "decode": decode if splits == 1 else f"{decode}, {splits} kv splits",
+                           "compile": setting, "kv_splits": splits}
                     try:
                         row.update(measure(model, context, a.decode_tokens, batch, device, a.seed, graph,
-                                           COMPILE[setting]))
+                                           COMPILE[setting], splits))
                     except torch.OutOfMemoryError as e:
                         row.update(context=context, error=f"OutOfMemoryError: {str(e).splitlines()[0][:200]}")
                         torch.cuda.empty_cache()
                     print(json.dumps(row), flush=True)
                     rows.append(row)
+                    with open(a.out, "w") as f:  # after every row: a run cut short keeps what it measured
+                        json.dump(rows, f, indent=1)
         # The model holds reference cycles (bound-method load hooks): collect it now, so the
         # next ratio's memory readings do not include it.
         del model

@@ -65,7 +65,8 @@ def _rotate(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).type_as(x)
 
 
-def _softmax_attention(attn: nn.Module, x, cache: KVCache, pos: torch.Tensor, filled: torch.Tensor, freqs_cis):
+def _softmax_attention(attn: nn.Module, x, cache: KVCache, pos: torch.Tensor, filled: torch.Tensor, freqs_cis,
+                       kv_splits: int = 1):
     xq, xk, xv = (split_heads(p, x, attn.head_dim) for p in (attn.wq, attn.wk, attn.wv))
     if torch.compiler.is_compiling():
         cos_sin = torch.view_as_real(freqs_cis).index_select(0, pos)
@@ -80,10 +81,11 @@ def _softmax_attention(attn: nn.Module, x, cache: KVCache, pos: torch.Tensor, fi
     bs, n_heads = xq.shape[0], xq.shape[2]
     n_kv = cache.k.shape[1]
     q = xq.reshape(bs, n_kv, n_heads // n_kv, attn.head_dim)
-    return _cached_attention(q, cache.k, cache.v, filled).reshape(bs, n_heads, 1, attn.head_dim)
+    return _cached_attention(q, cache.k, cache.v, filled, kv_splits).reshape(bs, n_heads, 1, attn.head_dim)
 
 
-def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, filled: torch.Tensor,
+                      kv_splits: int = 1) -> torch.Tensor:
     """softmax(q kᵀ / √d over the filled positions) v, as two batched products.
 
     Measured on an H100 (the 1B model at ratio 0, 32K cached positions):
@@ -91,8 +93,16 @@ def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, filled:
     do not split a long cache across the GPU as its decoding path without a mask does). The
     scores stay in fp32, as in FlashAttention; the probabilities meet v in v's dtype, as there.
 
+    kv_splits > 1 (when it divides the capacity into blocks of 2 or more) cuts the second product over the positions into
+    that many blocks, one batch entry each, and sums their fp32 results: at batch 1 the plain
+    product has only bs · n_kv (rows × d) outputs to spread over the GPU while it reads the whole
+    V cache (on an H200 the ratio-0.5 step grew by 0.7 ms from 1K to 32K for 0.54 GB of cache,
+    0.11 ms at full bandwidth). The probabilities are normalised over all positions first, so the
+    blocks' sum is the same attention. Not yet timed on a GPU: default 1.
+
     Args:
-        q: (bs, n_kv, rows, d); k, v: (bs, n_kv, capacity, d); filled: (capacity,) bool.
+        q: (bs, n_kv, rows, d); k, v: (bs, n_kv, capacity, d); filled: (capacity,) bool;
+        kv_splits: blocks of the second product.
     """
     bs, n_kv, rows, d = q.shape
     q = q.reshape(bs * n_kv, rows, d)
@@ -102,7 +112,20 @@ def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, filled:
     else:
         scores = torch.bmm(q, kt).to(torch.promote_types(q.dtype, torch.float32))
     scores = (scores * d**-0.5).masked_fill(~filled, float("-inf"))
-    out = torch.bmm(torch.softmax(scores, dim=-1).to(v.dtype), v.reshape(bs * n_kv, -1, d))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    capacity = k.shape[2]
+    # Guards on the dynamic length when compiled; blocks of one position would specialise it.
+    if kv_splits > 1 and capacity >= 2 * kv_splits and capacity % kv_splits == 0:
+        block = capacity // kv_splits
+        probs = probs.unflatten(-1, (kv_splits, block)).transpose(1, 2).reshape(-1, rows, block)
+        vb = v.reshape(bs * n_kv * kv_splits, block, d)
+        if v.dtype in (torch.bfloat16, torch.float16) and v.is_cuda:
+            parts = torch.bmm(probs, vb, out_dtype=torch.float32)
+        else:
+            parts = torch.bmm(probs, vb).to(torch.promote_types(v.dtype, torch.float32))
+        out = parts.reshape(bs * n_kv, kv_splits, rows, d).sum(1).to(v.dtype)
+    else:
+        out = torch.bmm(probs, v.reshape(bs * n_kv, -1, d))
     return out.reshape(bs, n_kv, rows, d)
 
 
@@ -117,7 +140,8 @@ def _linear_attention(attn: nn.Module, x, state: RecurrentState, conv_state, pos
     return attn.mix_output(out, x)
 
 
-def _fixed_shape_step(model: nn.Module, token: torch.Tensor, caches: Caches, pos: torch.Tensor) -> torch.Tensor:
+def _fixed_shape_step(model: nn.Module, token: torch.Tensor, caches: Caches, pos: torch.Tensor,
+                      kv_splits: int = 1) -> torch.Tensor:
     # Undecorated (the caller sets no_grad), so that torch.compile traces this function itself.
     kv = caches.kv_caches()
     filled = torch.arange(kv[0].capacity, device=pos.device) <= pos if kv else None
@@ -125,13 +149,14 @@ def _fixed_shape_step(model: nn.Module, token: torch.Tensor, caches: Caches, pos
     def attend(name, block, x):
         if is_linear(block):
             return _linear_attention(block.attention, x, caches.layers[name], caches.conv.get(name), pos)
-        return _softmax_attention(block.attention, x, caches.layers[name], pos, filled, model.freqs_cis)
+        return _softmax_attention(block.attention, x, caches.layers[name], pos, filled, model.freqs_cis, kv_splits)
 
     return through_blocks(model, token, attend)
 
 
 @torch.no_grad()
-def static_decode_step(model: nn.Module, token: torch.Tensor, caches: Caches, pos: torch.Tensor) -> torch.Tensor:
+def static_decode_step(model: nn.Module, token: torch.Tensor, caches: Caches, pos: torch.Tensor,
+                       kv_splits: int = 1) -> torch.Tensor:
     """decode_step with fixed shapes and addresses (module docstring).
 
     Args:
@@ -140,11 +165,13 @@ def static_decode_step(model: nn.Module, token: torch.Tensor, caches: Caches, po
             (`caches.reserve(pos + 1)`).
         token: (bs,) or (bs, 1) token ids.
         pos: (1,) int64 on the model's device, the position of `token` (= caches.length).
+        kv_splits: blocks of the softmax layers' second product over the positions
+            (`_cached_attention`); default 1.
 
     Returns:
         (bs, vocab) logits. Updates the caches in place but not caches.length (the caller's).
     """
-    return _fixed_shape_step(model, token, caches, pos)
+    return _fixed_shape_step(model, token, caches, pos, kv_splits)
 
 
 @functools.cache
@@ -167,12 +194,12 @@ def compiled_step(options: dict | None = None, backend="inductor"):
     """
     fn = _compile(backend, tuple(sorted((options or {}).items())))
 
-    def step(model: nn.Module, token: torch.Tensor, caches: Caches, pos: torch.Tensor) -> torch.Tensor:
+    def step(model: nn.Module, token: torch.Tensor, caches: Caches, pos: torch.Tensor, kv_splits: int = 1) -> torch.Tensor:
         for c in caches.kv_caches():  # new tensors after every move of the storage
             torch._dynamo.mark_dynamic(c.k, 2)
             torch._dynamo.mark_dynamic(c.v, 2)
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return fn(model, token, caches, pos)
+            return fn(model, token, caches, pos, kv_splits)
 
     return step
 
@@ -191,19 +218,24 @@ class GraphDecoder:
             captures the kernels of the eager step (no compile time, several times as many
             kernels per token).
         compile_options: inductor options for the compile; default None.
+        kv_splits: blocks of the softmax layers' second product over the KV positions
+            (`_cached_attention`; used for a bucket it divides); default 1, a plain product.
 
     Attributes:
         capture_ms: wall time spent so far compiling, warming up and capturing graphs.
     """
 
-    def __init__(self, model: nn.Module, caches: Caches, compile: bool = True, compile_options: dict | None = None):
+    def __init__(self, model: nn.Module, caches: Caches, compile: bool = True, compile_options: dict | None = None,
+                 kv_splits: int = 1):
+        if not isinstance(kv_splits, int) or isinstance(kv_splits, bool) or kv_splits < 1:
+            raise ValueError(f"kv_splits = {kv_splits!r} is not allowed: an integer >= 1")
         missing = [n for n, c in caches.layers.items() if c is None]
         if missing:
             raise ValueError(f"GraphDecoder needs prefilled caches: layers {missing} have no state yet")
         device = model.tok_embeddings.weight.device
         if device.type != "cuda":
             raise ValueError(f"GraphDecoder needs a CUDA model; this one is on {device}")
-        self.model, self.caches = model, caches
+        self.model, self.caches, self.kv_splits = model, caches, kv_splits
         self.step = compiled_step(compile_options) if compile else _fixed_shape_step
         first = next(iter(caches.layers.values()))
         bs = (first.k if isinstance(first, KVCache) else first.S).shape[0]
@@ -242,7 +274,7 @@ class GraphDecoder:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.step(model, self.token, caches, self.pos)
+                self.step(model, self.token, caches, self.pos, self.kv_splits)
         torch.cuda.current_stream(device).wait_stream(side)
         for n, (S, z) in saved.items():
             caches.layers[n].S.copy_(S)
@@ -252,7 +284,7 @@ class GraphDecoder:
                 t.copy_(old)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self.step(model, self.token, caches, self.pos)
+            self.logits = self.step(model, self.token, caches, self.pos, self.kv_splits)
 
     @torch.no_grad()
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
