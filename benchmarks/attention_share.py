@@ -53,7 +53,7 @@ def share(trace_path: str) -> dict:
         top[e["name"]] = top.get(e["name"], 0.0) + d
     total = sum(ms.values())
     if total == 0.0:
-        raise SystemExit(f"{trace_path}: no GPU kernel events (a trace of a CPU run, or not a profiler trace)")
+        raise ValueError(f"{trace_path}: no GPU kernel events (a trace of a CPU run, or not a profiler trace)")
     return {"trace": trace_path, "kernel_ms": round(total, 2),
             "softmax_attention_ms": round(ms["softmax"], 2), "linear_attention_ms": round(ms["linear"], 2),
             "softmax_attention_share": round(ms["softmax"] / total, 4),
@@ -67,12 +67,12 @@ def traces(paths: list[str]) -> list[str]:
         if os.path.isdir(p):
             hits = sorted(glob.glob(os.path.join(p, "**", "rank*_trace.json*"), recursive=True))
             if not hits:
-                raise SystemExit(f"{p}: no rank*_trace.json under it (was --profiling.enable_profiling set?)")
+                raise ValueError(f"{p}: no rank*_trace.json under it (was --profiling.enable_profiling set?)")
             found += hits
         elif os.path.isfile(p):
             found.append(p)
         else:
-            raise SystemExit(f"{p}: no such file or folder")
+            raise ValueError(f"{p}: no such file or folder")
     return found
 
 
@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("paths", nargs="+", help="traces, or folders holding them")
     ap.add_argument("--out", default="", help="write the rows here (JSON)")
     a = ap.parse_args(argv)
-    rows = [share(t) for t in traces(a.paths)]
+    try:
+        rows = [share(t) for t in traces(a.paths)]
+    except ValueError as e:  # one line naming the path, exit 2, nothing written
+        ap.error(str(e))
     for r in rows:
         print(f"{r['trace']}: kernels {r['kernel_ms']} ms, softmax attention {r['softmax_attention_ms']} ms "
               f"({100 * r['softmax_attention_share']:.1f} %), linear attention {r['linear_attention_ms']} ms "

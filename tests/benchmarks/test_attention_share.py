@@ -51,6 +51,10 @@ def test_linear_kernel_names_are_the_triton_kernels():
     assert defined == set(attention_share.LINEAR_KERNELS)
 
 
-def test_folder_without_traces_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="no rank"):
-        attention_share.main([str(tmp_path)])
+def test_folder_without_traces_is_refused(tmp_path, capsys):
+    out = tmp_path / "share.json"
+    with pytest.raises(SystemExit) as e:
+        attention_share.main([str(tmp_path), "--out", str(out)])
+    assert e.value.code == 2 and not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(tmp_path) in err and "no rank*_trace.json under it" in err
