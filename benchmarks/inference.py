@@ -28,7 +28,7 @@ bucket for a graph, the filled positions eagerly; 0 without softmax layers), cap
 (compiling and capturing; null when eager), cache_gib (caches as grown by the end: KV storage
 plus recurrent states), peak_prefill_gib / peak_decode_gib (CUDA max allocated during each
 phase, weights included; null on CPU), peak_gib (the larger), device, dtype,
-linear_attn_impl, decode ("cuda graph", "eager", or "cuda graph, N kv splits").
+linear_attn_impl, decode ("cuda graph" or "eager").
 """
 
 import argparse
@@ -48,7 +48,7 @@ from torchtitan.protocols.train_spec import get_train_spec  # noqa: E402
 
 from titan_linear.inference import decode_step, prefill, prepare_model  # noqa: E402
 from titan_linear.inference.build import materialize  # noqa: E402
-from titan_linear.inference.graph_decode import GraphDecoder  # noqa: E402
+from titan_linear.inference.graph_decode import decoder  # noqa: E402
 from titan_linear.ops.efficient_attn import impl_name  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -91,12 +91,9 @@ def measure(model, context: int, decode_tokens: int, batch: int, device: torch.d
 
     _reset_peak(device)
     token = logits[:, -1].argmax(-1)
-    if graph:
-        # Compiles (once per model and batch size) and captures the first step's graph here.
-        step = GraphDecoder(model, caches, compile=compile_options is not None, compile_options=compile_options,
-                            kv_splits=kv_splits)
-    else:
-        step = lambda tok: decode_step(model, tok, caches)  # noqa: E731
+    # A graph compiles (once per model and batch size) and captures its first step here.
+    step = decoder(model, caches, graph, compile=compile_options is not None, compile_options=compile_options,
+                   kv_splits=kv_splits)
     times = []
     for _ in range(decode_tokens):
         captured = step.capture_ms if graph else 0.0
@@ -174,13 +171,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for context in a.contexts:
             for batch in a.batches:
                 for setting, splits in itertools.product(settings, a.kv_splits):
-                    decode = "cuda graph" if graph else "eager"
                     row = {"config": f"{a.name} {a.flavor}", "ratio": ratio, "layer_map": args.layer_map,
                            "batch": batch, "device": device_name, "dtype": str(dtype).removeprefix("torch."),
                            "linear_attn_impl": impl_name(device, dtype, args.dim // args.n_heads),
-                           # the split names its own decode label, so reports keep its rows apart
-                           "decode": decode if splits == 1 else f"{decode}, {splits} kv splits",
-                           "compile": setting, "kv_splits": splits}
+                           "decode": "cuda graph" if graph else "eager", "compile": setting, "kv_splits": splits}
                     try:
                         row.update(measure(model, context, a.decode_tokens, batch, device, a.seed, graph,
                                            COMPILE[setting], splits))

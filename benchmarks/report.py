@@ -179,15 +179,20 @@ def tensor_parallel_degree(extra: str) -> int:
 
 
 def inference_section(name: str, rows: list[dict]) -> tuple[list[str], list[dict]]:
-    # Rows written before batches and compile settings existed are batch 1 and uncompiled.
-    cells = latest(rows, "config", "ratio", "context", "batch", "compile", "decode")
-    cells = {(c, r, ctx, b or 1, "eager" if dec == "eager" else comp or "off"): row
-             for (c, r, ctx, b, comp, dec), row in cells.items()}
+    # Rows written before batches, compile settings and KV splits existed are batch 1, uncompiled
+    # and unsplit. A setting is what the step ran: eager, or the graph's compile setting and splits.
+    cells = latest(rows, "config", "ratio", "context", "batch", "compile", "decode", "kv_splits")
+    def setting(comp, dec, k) -> str:
+        if dec == "eager":
+            return "eager"
+        return (comp or "off") + (f", {k} kv splits" if (k or 1) > 1 else "")
+
+    cells = {(c, r, ctx, b or 1, setting(comp, dec, k)): row for (c, r, ctx, b, comp, dec, k), row in cells.items()}
     configs = list(dict.fromkeys(k[0] for k in cells))
     settings = list(dict.fromkeys(k[4] for k in cells))
     out = [f"## Inference ({name}.json)", "", f"Device: {devices(rows)}. Compile: what the decode step's "
            "CUDA graph replays (off: the eager step's kernels; on: the torch.compile'd step; "
-           "eager: no graph)."]
+           "eager: no graph; N kv splits: the softmax layers' product with V in N blocks of positions)."]
     decode, memory, batched, errors = [], [], [], []
     for config in configs:
         body = []

@@ -113,6 +113,19 @@ def test_report_inference_batches_and_compile_settings(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_report_inference_keeps_kv_splits_apart(tmp_path):
+    # The same graph setting with and without splits are two rows, not one overwriting the other.
+    rows = [{"config": "llama3_1b", "ratio": 0.5, "context": 32768, "batch": 1, "compile": "on", "decode": "cuda graph",
+             "kv_splits": k, "device": DEV, "prefill_ms": 200.0, "decode_ms_per_token": ms,
+             "tokens_per_s": 1000 / ms, "cache_gib": 0.5, "peak_gib": 5.0}
+            for k, ms in ((1, 2.3), (16, 1.8))]
+    _write(tmp_path, inference_h200=rows)
+    _run(tmp_path)
+    md = (tmp_path / "SUMMARY.md").read_text()
+    got = {(r[3], r[5]) for r in _rows(md, "0.5")}
+    assert got == {("on", "2.30"), ("on, 16 kv splits", "1.80")}
+
+
 def test_report_reads_whichever_files_exist(tmp_path):
     _write(tmp_path, e2e_h100=E2E[1:3])
     proc = _run(tmp_path)

@@ -298,9 +298,10 @@ class GraphDecoder:
         return self.logits.clone()
 
 
-def decoder(model: nn.Module, caches: Caches, cuda_graph: bool, compile: bool = True):
-    """The per-token step for these caches: a GraphDecoder (compiled unless compile=False), or
-    decode_step run eagerly."""
+def decoder(model: nn.Module, caches: Caches, cuda_graph: bool, compile: bool = True,
+            compile_options: dict | None = None, kv_splits: int = 1):
+    """The per-token step for these caches: a GraphDecoder (compiled unless compile=False, with
+    these inductor options and KV splits), or decode_step run eagerly."""
     if cuda_graph:
-        return GraphDecoder(model, caches, compile=compile)
+        return GraphDecoder(model, caches, compile=compile, compile_options=compile_options, kv_splits=kv_splits)
     return lambda token: decode_step(model, token, caches)
