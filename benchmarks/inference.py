@@ -20,7 +20,8 @@ model is the train spec's flavor with `linear_attn_ratio` set (uniform placement
 
 Rows (one JSON object each, printed and written as a list to --out, or added to its list with
 --append; the file is rewritten after every row): config, ratio, layer_map, batch, context,
-compile, kv_splits (`--kv-splits`: blocks of the softmax layers' product with V over the KV
+compile, fused_projections (`--fused-projections`: q, k, v and w1, w3 each one product,
+titan_linear/models/fused.py), kv_splits (`--kv-splits`: blocks of the softmax layers' product with V over the KV
 positions, graph_decode._cached_attention; 1 is the plain product), prefill_ms, decode_ms_per_token
 (mean time per step: one token for each of the batch's sequences), tokens_per_s (batch /
 seconds per step), kv_positions (KV positions each softmax layer reads at the last step: the
@@ -29,6 +30,17 @@ bucket for a graph, the filled positions eagerly; 0 without softmax layers), cap
 plus recurrent states), peak_prefill_gib / peak_decode_gib (CUDA max allocated during each
 phase, weights included; null on CPU), peak_gib (the larger), device, dtype,
 linear_attn_impl, decode ("cuda graph" or "eager").
+
+`--profile-steps N` adds a "profile" object to each row: N more decode steps under torch.profiler,
+after the timed ones, split into what ran (on CUDA the GPU kernels, replayed graphs included; on
+the CPU the top-level operators): events_per_step, busy_ms_per_step (their summed durations per
+step; on CUDA the time the GPU was working), matmul_ms_per_step (the matrix products' share: GEMM
+and GEMV kernels, or aten mm / addmm / bmm / linear on the CPU), step_ms (wall time per profiled
+step, which on the CPU includes the profiler's own cost), gap_ms_per_step (step_ms less the busy
+time: launch gaps and idle GPU), weights_gib (the bytes every step must read at
+least once), and the 10 events that took longest (name, calls per step, ms per step). This is
+how to tell a step bound by reading the weights (matmul time near weights / bandwidth) from one
+bound by the number and latency of its kernels (many short events, or a large gap).
 """
 
 import argparse
@@ -41,6 +53,7 @@ import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import titan_linear  # noqa: E402,F401 (registers the train specs)
@@ -49,6 +62,7 @@ from torchtitan.protocols.train_spec import get_train_spec  # noqa: E402
 from titan_linear.inference import decode_step, prefill, prepare_model  # noqa: E402
 from titan_linear.inference.build import materialize  # noqa: E402
 from titan_linear.inference.graph_decode import decoder  # noqa: E402
+from titan_linear.models.fused import fuse_projections  # noqa: E402
 from titan_linear.ops.efficient_attn import impl_name  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -70,14 +84,61 @@ def _peak_gib(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / GIB, 3) if device.type == "cuda" else None
 
 
+# Names of matrix-product kernels (cuBLAS / cuBLASLt / CUTLASS families, inductor's extern mm)
+# and of the CPU operators that do the products.
+_MATMUL_KERNELS = ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "splitk", "wgmma")
+_MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "aten::baddbmm")
+
+
+def _is_matmul(name: str, device: torch.device) -> bool:
+    if device.type == "cuda":
+        return any(part in name.lower() for part in _MATMUL_KERNELS)
+    return name in _MATMUL_OPS
+
+
+def profile_steps(step, token: torch.Tensor, steps: int, device: torch.device, weights_gib: float) -> dict:
+    """What `steps` decode steps ran, per step (module docstring, `--profile-steps`)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = _now(device)
+        for _ in range(steps):
+            token = step(token).argmax(-1)
+        step_ms = 1000 * (_now(device) - start) / steps
+    if device.type == "cuda":
+        # GPU work: kernels, copies and sets (device events), replayed CUDA graphs included.
+        events = [(e.name, e.device_time_total) for e in prof.events()
+                  if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:
+        events = [(e.name, e.cpu_time_total) for e in prof.events() if e.cpu_parent is None]
+    by_name: dict[str, list] = {}
+    for name, us in events:
+        calls_us = by_name.setdefault(name, [0, 0.0])
+        calls_us[0] += 1
+        calls_us[1] += us
+    busy = sum(us for _, us in events) / 1000 / steps
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:10]
+    return {
+        "steps": steps,
+        "events_per_step": round(len(events) / steps, 2),
+        "step_ms": round(step_ms, 4),
+        "busy_ms_per_step": round(busy, 4),
+        "matmul_ms_per_step": round(sum(us for name, us in events if _is_matmul(name, device)) / 1000 / steps, 4),
+        "gap_ms_per_step": round(step_ms - busy, 4),
+        "weights_gib": round(weights_gib, 4),
+        "top": [{"name": name[:120], "calls_per_step": round(calls / steps, 2), "ms_per_step": round(us / 1000 / steps, 4)}
+                for name, (calls, us) in top],
+    }
+
+
 def measure(model, context: int, decode_tokens: int, batch: int, device: torch.device, seed: int,
-            graph: bool = False, compile_options: dict | None = None, kv_splits: int = 1) -> dict:
+            graph: bool = False, compile_options: dict | None = None, kv_splits: int = 1,
+            profile_steps_n: int = 0) -> dict:
     """Prefill and decode timings and memory at one context length and batch size; graph: decode
     by replaying CUDA graphs (titan_linear/inference/graph_decode.py) instead of eagerly, of the
     torch.compile'd step with these inductor options unless compile_options is None."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     tokens = torch.randint(0, model.model_args.vocab_size, (batch, context), generator=gen).to(device)
-    max_len = context + decode_tokens
+    max_len = context + decode_tokens + profile_steps_n
     # Warm-up at this length: kernel plans and allocator blocks depend on the shapes.
     logits, caches = prefill(model, tokens, max_len=max_len)
     decode_step(model, logits[:, -1].argmax(-1), caches)
@@ -104,6 +165,10 @@ def measure(model, context: int, decode_tokens: int, batch: int, device: torch.d
             times.append(1000 * (_now(device) - start))
     peak_decode = _peak_gib(device)
     ms = sum(times) / len(times)
+    extra = {}
+    if profile_steps_n:
+        weights = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
+        extra["profile"] = profile_steps(step, token, profile_steps_n, device, weights)
     return {
         "context": context,
         "prefill_ms": round(prefill_ms, 3),
@@ -116,6 +181,7 @@ def measure(model, context: int, decode_tokens: int, batch: int, device: torch.d
         "peak_prefill_gib": peak_prefill,
         "peak_decode_gib": peak_decode,
         "peak_gib": None if peak_prefill is None else max(peak_prefill, peak_decode),
+        **extra,
     }
 
 
@@ -146,12 +212,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--kv-splits", type=_positive, nargs="+", default=[1],
                     help="blocks of the softmax layers' attention-times-V product over the KV positions in the "
                          "graph's step (graph_decode._cached_attention); several give one row each")
+    ap.add_argument("--fused-projections", nargs="+", default=["off"], choices=["off", "on"],
+                    help="decode with each block's q, k, v (and w1, w3) weights as one product "
+                         "(titan_linear/models/fused.py); several give one row each; default off")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="profile this many more decode steps per row (module docstring); 0: none")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16 on cuda, fp32 on cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eager-decode", action="store_true",
                     help="decode eagerly on cuda too (default there: replay captured CUDA graphs)")
     a = ap.parse_args(argv)
+    if a.profile_steps < 0:
+        ap.error(f"--profile-steps {a.profile_steps} is not allowed: 0 (no profile) or more steps")
     device = torch.device(a.device)
     dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     spec = get_train_spec(a.name)
@@ -166,18 +239,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for ratio in a.ratios:
         args = copy.deepcopy(spec.model_args[a.flavor])
         args.linear_attn_ratio = ratio
-        args.max_seq_len = max(a.contexts) + a.decode_tokens
+        args.max_seq_len = max(a.contexts) + a.decode_tokens + a.profile_steps
         model = prepare_model(materialize(spec.model_cls, args, device, a.seed), dtype)
         for context in a.contexts:
             for batch in a.batches:
-                for setting, splits in itertools.product(settings, a.kv_splits):
+                for fused, setting, splits in itertools.product(a.fused_projections, settings, a.kv_splits):
+                    fuse_projections(model, on=fused == "on")
                     row = {"config": f"{a.name} {a.flavor}", "ratio": ratio, "layer_map": args.layer_map,
                            "batch": batch, "device": device_name, "dtype": str(dtype).removeprefix("torch."),
                            "linear_attn_impl": impl_name(device, dtype, args.dim // args.n_heads),
-                           "decode": "cuda graph" if graph else "eager", "compile": setting, "kv_splits": splits}
+                           "decode": "cuda graph" if graph else "eager", "compile": setting, "kv_splits": splits,
+                           "fused_projections": fused == "on"}
                     try:
                         row.update(measure(model, context, a.decode_tokens, batch, device, a.seed, graph,
-                                           COMPILE[setting], splits))
+                                           COMPILE[setting], splits, a.profile_steps))
                     except torch.OutOfMemoryError as e:
                         row.update(context=context, error=f"OutOfMemoryError: {str(e).splitlines()[0][:200]}")
                         torch.cuda.empty_cache()

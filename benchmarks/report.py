@@ -181,18 +181,20 @@ def tensor_parallel_degree(extra: str) -> int:
 def inference_section(name: str, rows: list[dict]) -> tuple[list[str], list[dict]]:
     # Rows written before batches, compile settings and KV splits existed are batch 1, uncompiled
     # and unsplit. A setting is what the step ran: eager, or the graph's compile setting and splits.
-    cells = latest(rows, "config", "ratio", "context", "batch", "compile", "decode", "kv_splits")
-    def setting(comp, dec, k) -> str:
+    cells = latest(rows, "config", "ratio", "context", "batch", "compile", "decode", "kv_splits", "fused_projections")
+    def setting(comp, dec, k, fused) -> str:
+        fused = ", fused projections" if fused else ""
         if dec == "eager":
-            return "eager"
-        return (comp or "off") + (f", {k} kv splits" if (k or 1) > 1 else "")
+            return "eager" + fused
+        return (comp or "off") + (f", {k} kv splits" if (k or 1) > 1 else "") + fused
 
-    cells = {(c, r, ctx, b or 1, setting(comp, dec, k)): row for (c, r, ctx, b, comp, dec, k), row in cells.items()}
+    cells = {(c, r, ctx, b or 1, setting(comp, dec, k, f)): row for (c, r, ctx, b, comp, dec, k, f), row in cells.items()}
     configs = list(dict.fromkeys(k[0] for k in cells))
     settings = list(dict.fromkeys(k[4] for k in cells))
     out = [f"## Inference ({name}.json)", "", f"Device: {devices(rows)}. Compile: what the decode step's "
            "CUDA graph replays (off: the eager step's kernels; on: the torch.compile'd step; "
-           "eager: no graph; N kv splits: the softmax layers' product with V in N blocks of positions)."]
+           "eager: no graph; N kv splits: the softmax layers' product with V in N blocks of positions; "
+           "fused projections: q, k, v and w1, w3 each one product)."]
     decode, memory, batched, errors = [], [], [], []
     for config in configs:
         body = []

@@ -81,6 +81,10 @@ def test_list_typed_key_takes_lists_of_lists(tmp_path):
     ('[grid]\n"job.dump_folder" = ["x"]\n', ["job.dump_folder", "the sweep driver sets it"]),
     ('[grid]\n"model.linear_attn_ratio" = 0.5\n', ["[grid] model.linear_attn_ratio = 0.5", "a list of values"]),
     ('[grid]\n"debug.seed" = [0]\n[eval]\nfactors = [0]\n', ["[eval] factors = [0]"]),
+    ('[grid]\n"debug.seed" = [0]\n[eval]\nharness_tasks = "hellaswag"\n',
+     ["[eval] harness_tasks = 'hellaswag'", "a list of lm-eval task names"]),
+    ('[grid]\n"debug.seed" = [0]\n[eval]\nharness_tasks = ["a", 3]\n', ["[eval] harness_tasks = ['a', 3]"]),
+    ('[grid]\n"debug.seed" = [0]\n[eval]\nharness_limit = 0\n', ["[eval] harness_limit = 0", "integer >= 1"]),
 ])
 def test_bad_spec_is_one_line_exit_2_nothing_written(tmp_path, capsys, body, words):
     out = tmp_path / "out"
@@ -125,7 +129,20 @@ def test_dry_run_prints_runs_and_commands_and_writes_nothing(tmp_path, capsys):
         assert piece in launch, piece
     perplexity = [ln for ln in text.splitlines() if "titan_linear.eval.perplexity" in ln]
     assert len(perplexity) == 4 and "--seq-lens 256 1024" in perplexity[0]  # 1x and 4x seq_len
+    assert "titan_linear.eval.harness" not in text  # no [eval] harness_tasks: perplexity only
     assert text.splitlines()[-1] == "4 runs, 2 at a time"
+
+
+def test_dry_run_lists_the_harness_when_the_spec_names_tasks(tmp_path, capsys):
+    out = tmp_path / "out"
+    body = GRID + '[eval]\nharness_tasks = ["titan_linear_shakespeare_ppl", "arc_easy"]\nharness_limit = 20\n'
+    assert main([write_spec(tmp_path, body, str(out)), "--dry-run", "--eval", "--only", "ratio0.5-front-seed1"]) == 0
+    harness = [ln for ln in capsys.readouterr().out.splitlines() if "titan_linear.eval.harness" in ln]
+    assert len(harness) == 1
+    for piece in ["--tasks titan_linear_shakespeare_ppl arc_easy", "--limit 20",
+                  f"--out {out}/ratio0.5-front-seed1/eval/harness.json",
+                  f"--checkpoint {out}/ratio0.5-front-seed1/checkpoint", "--model.linear_attn_placement front"]:
+        assert piece in harness[0], piece
 
 
 def test_slurm_writes_an_array_script_and_run_records(tmp_path, capsys):
@@ -179,6 +196,8 @@ TINY = """
     [eval]
     factors = [1, 2]
     max_tokens = 256
+    harness_tasks = ["titan_linear_shakespeare_ppl"]
+    harness_limit = 8
 """
 
 
@@ -223,6 +242,9 @@ def test_real_sweep_skips_finished_runs_and_resumes_a_cut_one(tmp_path, capsys):
     result = json.loads((runs["seed1"] / "eval" / "perplexity.json").read_text())
     assert [r["seq_len"] for r in result["results"]] == [64, 128]  # [eval] factors 1 and 2
     assert result["model"]["weights"].endswith("step-4") and result["model"]["layer_map"] == "SLSLSL"
+    harness = json.loads((runs["seed1"] / "eval" / "harness.json").read_text())
+    assert harness["results"]["titan_linear_shakespeare_ppl"]["bits_per_byte,none"] > 0
+    assert harness["n_samples"]["titan_linear_shakespeare_ppl"]["effective"] == 8  # [eval] harness_limit
 
 
 def test_names_show_switched_on_options_and_leave_out_per_seed_keys(tmp_path):

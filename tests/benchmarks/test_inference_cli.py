@@ -38,3 +38,43 @@ def test_cpu_rows_carry_kv_splits_and_are_written(tmp_path):
                  "--decode-tokens", "2", "--out", str(out)])
     assert [(r["kv_splits"], r["decode"], r["context"]) for r in rows] == [(1, "eager", 16)]
     assert out.exists()
+
+
+def test_fused_projection_rows_decode_the_same_tokens(tmp_path):
+    # One row per setting, in order (tests/inference/test_fused.py checks the logits).
+    from benchmarks.inference import main
+
+    rows = main(["--device", "cpu", "--flavor", "debugmodel", "--ratios", "0.5", "--contexts", "16",
+                 "--decode-tokens", "3", "--fused-projections", "off", "on", "--out", str(tmp_path / "r.json")])
+    assert [r["fused_projections"] for r in rows] == [False, True]
+
+
+def test_profile_splits_each_step_into_what_ran(tmp_path):
+    # On the CPU the events are the step's top-level operators. Per-step counts must hardly depend
+    # on how many steps were profiled, the products must be among them, and the busy time cannot
+    # exceed the step's own (the gap is what the step spent outside them).
+    from benchmarks.inference import main
+
+    rows = {}
+    for n in (2, 4):
+        (row,) = main(["--device", "cpu", "--flavor", "debugmodel", "--ratios", "0.5", "--contexts", "16",
+                       "--decode-tokens", "2", "--profile-steps", str(n), "--out", str(tmp_path / f"p{n}.json")])
+        rows[n] = row["profile"]
+    two, four = rows[2], rows[4]
+    assert two["steps"] == 2 and four["steps"] == 4
+    # (a step that grows the KV cache into its next bucket runs a few more operators)
+    assert two["events_per_step"] > 10 and abs(two["events_per_step"] - four["events_per_step"]) <= 0.1 * two["events_per_step"]
+    assert 0 < two["matmul_ms_per_step"] <= two["busy_ms_per_step"]
+    assert two["weights_gib"] > 0 and len(two["top"]) == 10
+    assert all(t["calls_per_step"] > 0 and t["ms_per_step"] >= 0 for t in two["top"])
+    assert sum(t["ms_per_step"] for t in four["top"]) <= four["busy_ms_per_step"] + 1e-3
+
+
+def test_negative_profile_steps_refused(tmp_path, capsys):
+    from benchmarks.inference import main
+
+    out = tmp_path / "rows.json"
+    with pytest.raises(SystemExit) as e:
+        main(["--device", "cpu", "--flavor", "debugmodel", "--profile-steps", "-1", "--out", str(out)])
+    assert e.value.code == 2 and not out.exists()
+    assert "--profile-steps -1 is not allowed" in capsys.readouterr().err

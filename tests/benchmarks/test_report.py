@@ -126,6 +126,17 @@ def test_report_inference_keeps_kv_splits_apart(tmp_path):
     assert got == {("on", "2.30"), ("on, 16 kv splits", "1.80")}
 
 
+def test_report_inference_keeps_fused_projections_apart(tmp_path):
+    rows = [{"config": "llama3_1b", "ratio": 1.0, "context": 1024, "batch": 1, "compile": "on", "decode": "cuda graph",
+             "kv_splits": 1, "fused_projections": f, "device": DEV, "prefill_ms": 50.0, "decode_ms_per_token": ms,
+             "tokens_per_s": 1000 / ms, "cache_gib": 0.01, "peak_gib": 3.0}
+            for f, ms in ((False, 1.43), (True, 1.25))]
+    _write(tmp_path, inference_h200=rows)
+    _run(tmp_path)
+    md = (tmp_path / "SUMMARY.md").read_text()
+    assert {(r[3], r[5]) for r in _rows(md, "1.0")} == {("on", "1.43"), ("on, fused projections", "1.25")}
+
+
 def test_report_reads_whichever_files_exist(tmp_path):
     _write(tmp_path, e2e_h100=E2E[1:3])
     proc = _run(tmp_path)

@@ -224,6 +224,15 @@ def test_efficient_attention_triton_interpreted_value_blocks_match_quadratic():
     assert all(e < 1e-5 for e in errors.values()), errors
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/ops/test_gpu.py runs the compiled kernels")
+def test_efficient_attention_triton_interpreted_takes_a_register_cap():
+    """override(max_registers=...) reaches the launches as Triton's maxnreg; the interpreter
+    accepts and ignores it (tests/benchmarks/test_kernel_resources.py checks that the compiled
+    kernels keep to the cap), so the results are the table's."""
+    (errors,) = _interpret([(1, 2, 1, 100, 16, 1.0)], max_registers=128, chunk=64)
+    assert all(e < 1e-5 for e in errors.values()), errors
+
+
 def test_value_blocks_must_leave_16_features():
     from titan_linear.ops.efficient_attn.triton_op import _value_block
     from titan_linear.ops.efficient_attn.triton_tuning import LaunchConfig
@@ -267,7 +276,8 @@ def test_tuning_override_replaces_fields_nests_and_restores():
             assert launch_config(16, torch.float32) == TABLE[(16, torch.float32)]._replace(chunk=64, warps=2, span=-1.0)
         assert launch_config(16, torch.float32).span == 100.0
     assert launch_config(128, torch.float16) is before
-    for bad in (dict(chunk=48), dict(chunk=16, sub_chunk=32), dict(warps=3), dict(prec="fp8"), dict(v_split=3)):
+    for bad in (dict(chunk=48), dict(chunk=16, sub_chunk=32), dict(warps=3), dict(prec="fp8"), dict(v_split=3),
+                dict(max_registers=100), dict(max_registers=16), dict(max_registers=256)):
         with pytest.raises(ValueError):
             with override(**bad):
                 pass

@@ -24,12 +24,14 @@ listed GPU (CUDA_VISIBLE_DEVICES), `--parallel K` K at once without choosing GPU
 failed run is reported with the last line of its log and the others go on; the exit status is
 1 when any run (or its evaluation) failed. `--eval` runs `python -m titan_linear.eval.perplexity`
 on each final checkpoint with the run's validation data at 1x and 4x its training length
-(`[eval]` in the spec), writing `<run>/eval/perplexity.json`. `--slurm FILE` writes an sbatch
+(`[eval]` in the spec), writing `<run>/eval/perplexity.json`, and with `[eval] harness_tasks` the
+lm-eval harness on those tasks, writing `<run>/eval/harness.json`. `--slurm FILE` writes an sbatch
 array script (one task per run) instead of running; `--dry-run` prints the runs and commands.
 """
 
 import argparse
 import concurrent.futures
+import importlib.util
 import fnmatch
 import json
 import os
@@ -65,7 +67,8 @@ def _parser() -> Parser:
     where.add_argument("--gpus", help="GPU indices to run on, e.g. 0,1 (one process per run)")
     where.add_argument("--parallel", type=int, default=None, help="runs at once, without choosing GPUs (CPU)")
     p.add_argument("--per-gpu", type=int, default=None, help="with --gpus: runs at once on each GPU (default 1)")
-    p.add_argument("--eval", action="store_true", help="evaluate each final checkpoint (perplexity at 1x and 4x seq_len)")
+    p.add_argument("--eval", action="store_true",
+                   help="evaluate each final checkpoint (perplexity at 1x and 4x seq_len; [eval] harness_tasks: lm-eval)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these runs (names or shell patterns)")
     return p
 
@@ -128,17 +131,31 @@ def finished(run: Run) -> bool:
     return step is not None and step >= run.steps
 
 
-def eval_command(spec: Spec, run: Run, python: str) -> list[str]:
-    """Perplexity of the final checkpoint on the run's validation data at each [eval] factor x seq_len."""
+def eval_file(run: Run, name: str, ext: str) -> str:
+    """<run>/eval/<name><ext>: an evaluation's result (".json") or log (".log")."""
+    return os.path.join(run.dump_folder, "eval", name + ext)
+
+
+def eval_commands(spec: Spec, run: Run, python: str) -> list[tuple[str, list[str]]]:
+    """(name, command) of each evaluation of the final checkpoint; each writes eval_file(run, name, ".json").
+    Perplexity on the run's validation data at each [eval] factor x seq_len; the lm-eval harness
+    on [eval] harness_tasks when the spec lists any."""
     jc = run.job_config
-    cmd = [python, "-m", "titan_linear.eval.perplexity", "--config", spec.base, "--checkpoint", final_checkpoint(run),
-           "--dataset", jc.validation.dataset, "--seq-lens", *(str(f * jc.training.seq_len) for f in spec.eval_factors),
-           "--out", os.path.join(run.dump_folder, "eval", "perplexity.json")]
+    model = ["--config", spec.base, "--checkpoint", final_checkpoint(run)]
+    ppl = [python, "-m", "titan_linear.eval.perplexity", *model, "--dataset", jc.validation.dataset,
+           "--seq-lens", *(str(f * jc.training.seq_len) for f in spec.eval_factors), "--out", eval_file(run, "perplexity", ".json")]
     if jc.validation.dataset_path:
-        cmd += ["--dataset-path", jc.validation.dataset_path]
+        ppl += ["--dataset-path", jc.validation.dataset_path]
     if spec.eval_max_tokens is not None:
-        cmd += ["--max-tokens", str(spec.eval_max_tokens)]
-    return [*cmd, "--", *cli_args(run.overrides)]
+        ppl += ["--max-tokens", str(spec.eval_max_tokens)]
+    commands = [("perplexity", ppl)]
+    if spec.eval_harness_tasks:
+        harness = [python, "-m", "titan_linear.eval.harness", *model, "--tasks", *spec.eval_harness_tasks,
+                   "--out", eval_file(run, "harness", ".json")]
+        if spec.eval_harness_limit is not None:
+            harness += ["--limit", str(spec.eval_harness_limit)]
+        commands.append(("harness", harness))
+    return [(name, [*cmd, "--", *cli_args(run.overrides)]) for name, cmd in commands]
 
 
 def check_runs(spec: Spec, runs: list[Run], do_eval: bool) -> None:
@@ -146,6 +163,9 @@ def check_runs(spec: Spec, runs: list[Run], do_eval: bool) -> None:
     from titan_linear.data import dataset_names
     from titan_linear.launch import check, preflight, with_config_module
 
+    if do_eval and spec.eval_harness_tasks and importlib.util.find_spec("lm_eval") is None:
+        raise ValueError(f"[eval] harness_tasks = {spec.eval_harness_tasks!r} needs lm-eval, which is not "
+                         "installed: pip install '.[eval]'")
     for run in runs:
         try:
             job_config, model_args = check(with_config_module(train_args(spec, run)))
@@ -271,16 +291,19 @@ class Runner:
                     why = f"ended without a checkpoint of step {run.steps} ({why})"
                 return Outcome("failed", out.minutes, why)
         if do_eval and out.status in ("done", "skipped"):
-            result = os.path.join(run.dump_folder, "eval", "perplexity.json")
             metadata = os.path.join(final_checkpoint(run), ".metadata")
-            if os.path.isfile(result) and os.path.getmtime(result) >= os.path.getmtime(metadata):
-                out.eval = "skipped"
-            else:
-                log = os.path.join(run.dump_folder, "eval", "eval.log")
-                rc = self.call(eval_command(spec, run, python), log, delta)
-                out.eval = "done" if rc == 0 else "failed"
+            states = []
+            for name, command in eval_commands(spec, run, python):
+                result = eval_file(run, name, ".json")
+                if os.path.isfile(result) and os.path.getmtime(result) >= os.path.getmtime(metadata):
+                    states.append("skipped")  # newer than the checkpoint it evaluates
+                    continue
+                log = eval_file(run, name, ".log")
+                rc = self.call(command, log, delta)
+                states.append("done" if rc == 0 else "failed")
                 if rc != 0:
-                    out.message = f"eval: {last_line(log)}"
+                    out.message = f"eval {name}: {last_line(log)}"
+            out.eval = "failed" if "failed" in states else "done" if "done" in states else "skipped"
             out.minutes = (time.time() - t0) / 60
         return out
 
@@ -359,8 +382,10 @@ def slurm_script(spec: Spec, runs: list[Run], do_eval: bool, python: str) -> str
                   f"      {train} >> {log} 2>&1",
                   "    fi"]
         if do_eval:
-            ev = '"$PYTHON" ' + shlex.join(eval_command(spec, run, python)[1:])
-            lines.append(f"    {ev} >> {shlex.quote(os.path.join(run.dump_folder, 'eval', 'eval.log'))} 2>&1")
+            lines.append(f"    mkdir -p {shlex.quote(os.path.join(run.dump_folder, 'eval'))}")
+            for name, command in eval_commands(spec, run, python):
+                ev = '"$PYTHON" ' + shlex.join(command[1:])
+                lines.append(f"    {ev} >> {shlex.quote(eval_file(run, name, '.log'))} 2>&1")
         lines.append("    ;;")
     lines += ['  *) echo "no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;', "esac", ""]
     return "\n".join(lines)
@@ -381,7 +406,8 @@ def run(argv: list[str]) -> int:
             print(f"{r.name}  ({state}; group {r.group}, seed {r.seed}, {r.steps} steps)")
             print(f"  {env + ' ' if env else ''}{shlex.join(launch_command(spec, r, python))} >> {r.dump_folder}/train.log 2>&1")
             if args.eval:
-                print(f"  {shlex.join(eval_command(spec, r, python))}")
+                for _, command in eval_commands(spec, r, python):
+                    print(f"  {shlex.join(command)}")
         print(f"{len(runs)} runs, {len(slots)} at a time")
         return 0
     if args.slurm:

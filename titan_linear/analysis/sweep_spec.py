@@ -15,6 +15,8 @@
     [eval]                                   # optional, used by --eval
     factors = [1, 4]                         # perplexity at 1x and 4x training.seq_len
     max_tokens = 262144                      # per length (default: the whole validation set)
+    harness_tasks = ["titan_linear_shakespeare"]  # also lm-eval tasks (default: none)
+    harness_limit = 100                      # documents per task (default: all)
     [slurm]                                  # optional, used by --slurm
     options = ["--partition=gpu", "--time=04:00:00"]
 
@@ -57,7 +59,7 @@ DRIVER_ON = {
     "metrics.enable_tensorboard": "titan_linear.analysis.runs reads each run's TensorBoard events",
 }
 TOP_KEYS = ("base", "out", "prefix", "fixed", "grid", "runs", "eval", "slurm")
-EVAL_KEYS = ("factors", "max_tokens")
+EVAL_KEYS = ("factors", "max_tokens", "harness_tasks", "harness_limit")
 SLURM_KEYS = ("options",)
 # Option keys whose value switches the option off: such a value shows in no name.
 OFF_VALUES = {"model.linear_attn_short_conv": 0, "model.linear_attn_decay_rates": "head"}
@@ -108,6 +110,8 @@ class Spec:
     eval_factors: list[int] = field(default_factory=lambda: [1, 4])
     eval_max_tokens: int | None = None
     slurm_options: list[str] = field(default_factory=list)
+    eval_harness_tasks: list[str] = field(default_factory=list)
+    eval_harness_limit: int | None = None
 
 
 def _where(section: str, index: int | None = None) -> str:
@@ -357,10 +361,17 @@ def load_spec(path: str, parse_base) -> Spec:
     max_tokens = ev.get("max_tokens")
     if max_tokens is not None and not (is_int(max_tokens) and max_tokens >= 1):
         raise ValueError(f"[eval] max_tokens = {max_tokens!r} is not allowed: an integer >= 1")
+    tasks = ev.get("harness_tasks", [])
+    if not (isinstance(tasks, list) and all(isinstance(t, str) and t and not t.startswith("-") and " " not in t
+                                            for t in tasks)):
+        raise ValueError(f"[eval] harness_tasks = {tasks!r} is not allowed: a list of lm-eval task names")
+    limit = ev.get("harness_limit")
+    if limit is not None and not (is_int(limit) and limit >= 1):
+        raise ValueError(f"[eval] harness_limit = {limit!r} is not allowed: an integer >= 1")
     options = slurm.get("options", [])
     if not (isinstance(options, list) and all(isinstance(o, str) and o.startswith("-") for o in options)):
         raise ValueError(f"[slurm] options = {options!r} is not allowed: a list of sbatch options such as '--time=04:00:00'")
-    return Spec(path, base, out, runs, factors, max_tokens, options)
+    return Spec(path, base, out, runs, factors, max_tokens, options, tasks, limit)
 
 
 def cli_args(overrides: dict[str, Any] | list) -> list[str]:

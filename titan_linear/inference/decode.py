@@ -21,18 +21,20 @@ import torch.nn.functional as F
 from torch import nn
 from torchtitan.models.llama3.model.model import apply_rotary_emb
 
+from titan_linear.models.fused import feed_forward, qkv
 from titan_linear.ops.efficient_attn import efficient_attention_step
 
 from .cache import Caches, is_linear, KVCache
 
 
-def split_heads(proj: nn.Module, x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """(bs, 1, dim) -> (bs, 1, heads, head_dim); -1 heads as torchtitan's Attention does."""
-    return proj(x).view(x.shape[0], 1, -1, head_dim)
+def split_heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of (bs, 1, dim): each (bs, 1, heads, head_dim); -1 heads as torchtitan's
+    Attention does; one product when the projections are fused (models/fused.py)."""
+    return tuple(p.view(x.shape[0], 1, -1, attn.head_dim) for p in qkv(attn, x))
 
 
 def _softmax_attention_step(attn: nn.Module, x, cache: KVCache, pos: int, freqs_cis) -> torch.Tensor:
-    xq, xk, xv = (split_heads(p, x, attn.head_dim) for p in (attn.wq, attn.wk, attn.wv))
+    xq, xk, xv = split_heads(attn, x)
     xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis[pos : pos + 1])
     cache.write(pos, xk.transpose(1, 2), xv.transpose(1, 2))
     k, v = cache.read(pos + 1)
@@ -58,7 +60,7 @@ def through_blocks(model: nn.Module, token: torch.Tensor, attend) -> torch.Tenso
     for name, block in model.layers.items():
         out = attend(name, block, block.attention_norm(h))
         h = h + block.attention.wo(out.transpose(1, 2).reshape(h.shape[0], 1, -1))
-        h = h + block.feed_forward(block.ffn_norm(h))
+        h = h + feed_forward(block.feed_forward, block.ffn_norm(h))
     return model.output(model.norm(h))[:, 0]
 
 

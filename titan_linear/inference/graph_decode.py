@@ -67,7 +67,7 @@ def _rotate(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
 
 def _softmax_attention(attn: nn.Module, x, cache: KVCache, pos: torch.Tensor, filled: torch.Tensor, freqs_cis,
                        kv_splits: int = 1):
-    xq, xk, xv = (split_heads(p, x, attn.head_dim) for p in (attn.wq, attn.wk, attn.wv))
+    xq, xk, xv = split_heads(attn, x)
     if torch.compiler.is_compiling():
         cos_sin = torch.view_as_real(freqs_cis).index_select(0, pos)
         xq, xk = _rotate(xq, cos_sin), _rotate(xk, cos_sin)

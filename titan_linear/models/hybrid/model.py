@@ -23,6 +23,7 @@ from torchtitan.tools.logging import logger
 
 from titan_linear.ops.efficient_attn import efficient_attention
 
+from titan_linear.models.fused import qkv
 from titan_linear.models.maps import check_maps
 
 from .args import HybridModelArgs
@@ -108,7 +109,7 @@ class LinearAttention(Attention):
         the keys (then fp32); and the convolution's state after x (None without it).
         conv_state: that state before x; start: the position of x's first row (decoding)."""
         bs, seqlen, _ = x.shape
-        xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+        xq, xk, xv = qkv(self, x)  # one product when fused for decoding (models/fused.py)
         new_state = None
         if self.short_conv is not None:
             (xq, xk, xv), new_state = self.short_conv(xq, xk, xv, conv_state)

@@ -73,13 +73,19 @@ def _value_block(d_v: int, cfg: LaunchConfig) -> int:
     return d_v // cfg.v_split
 
 
+def _register_cap(cfg: LaunchConfig) -> dict:
+    """Triton's maxnreg launch option when the config caps registers (LaunchConfig.max_registers)."""
+    return {"maxnreg": cfg.max_registers} if cfg.max_registers else {}
+
+
 def _per_chunk(kernel, grid, args: tuple, group: int, d_k: int, d_v: int, cfg: LaunchConfig) -> None:
     """Launch both compiled variants of a per-chunk kernel (triton_diag.py): FAST for the chunks
     the summary left unflagged, then the exact one for the flagged; each variant's programs
     return at once for the other's chunks. One program per (chunk, kv head, value block)."""
     for fast in (True, False):
         kernel[(*grid, cfg.v_split)](*args, G=group, C=cfg.chunk, c=cfg.sub_chunk, DK=d_k, DV=d_v,
-                                     BV=_value_block(d_v, cfg), PREC=cfg.prec, FAST=fast, num_warps=cfg.warps)
+                                     BV=_value_block(d_v, cfg), PREC=cfg.prec, FAST=fast, num_warps=cfg.warps,
+                                     **_register_cap(cfg))
 
 
 # The custom ops take the LaunchConfig's fields as arguments (triton_tuning.py), so a traced
@@ -88,13 +94,13 @@ def _per_chunk(kernel, grid, args: tuple, group: int, d_k: int, d_v: int, cfg: L
 def efficient_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     chunk: int, sub_chunk: int, warps: int, scan_chunks: int, scan_block: int, prec: str, span: float,
-    v_split: int,
+    v_split: int, max_registers: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (o, s_end, z_end, flags): o (bs, n_heads, seqlen, d_v); s_end (bs · n_kv_heads,
     chunks, d_k, d_v) fp32 state after each chunk; z_end (bs · n_kv_heads, chunks, d_k) fp32 log2
     z; flags (bs · n_kv_heads, chunks) int32, the chunks the exact kernels take. The remaining
     arguments are a LaunchConfig's fields (triton_tuning.py)."""
-    cfg = LaunchConfig(chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span, v_split)
+    cfg = LaunchConfig(chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span, v_split, max_registers)
     group = check_qkv(q, k, v)
     q, k, v = _unit_stride(q, k, v)
     bs, n_heads, seqlen, d_k = q.shape
@@ -108,7 +114,7 @@ def efficient_attn_fwd(
     chunk_summary_kernel[(*grid, v_split)](
         k, v, local, lse2, flags, *_strides(k), *_strides(v), seqlen, n_kv, nc,
         C=chunk, SB=max(min(chunk, 64), sub_chunk), c=sub_chunk, DK=d_k, DV=d_v, BV=_value_block(d_v, cfg),
-        PREC=prec, SPAN=span, num_warps=warps,
+        PREC=prec, SPAN=span, num_warps=warps, **_register_cap(cfg),
     )
     s_end, z_end = _forward_states(local, lse2, cfg)
     o = _like_bthd(q, d_v, q.dtype)
@@ -119,7 +125,7 @@ def efficient_attn_fwd(
 
 
 @efficient_attn_fwd.register_fake
-def _(q, k, v, chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span, v_split):
+def _(q, k, v, chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span, v_split, max_registers):
     bs, n_heads, seqlen, d_k = q.shape
     n_kv, d_v = k.shape[1], v.shape[-1]
     nc = -(-seqlen // chunk)
@@ -133,11 +139,11 @@ def efficient_attn_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     s_end: torch.Tensor, z_end: torch.Tensor, flags: torch.Tensor,
     chunk: int, sub_chunk: int, warps: int, scan_chunks: int, scan_block: int, prec: str, span: float,
-    v_split: int,
+    v_split: int, max_registers: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv from the output gradient and efficient_attn_fwd's saved s_end, z_end, flags,
     with the forward's launch config."""
-    cfg = LaunchConfig(chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span, v_split)
+    cfg = LaunchConfig(chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span, v_split, max_registers)
     group = check_qkv(q, k, v)
     do, q, k, v = _unit_stride(do, q, k, v)
     bs, n_heads, seqlen, d_k = q.shape

@@ -59,6 +59,12 @@ class LaunchConfig(NamedTuple):
                  every entry: on an H200 every split was slower (head dim 128: 14.7-21.5 ms
                  against 9.5-9.8; head dim 64: 6.2 against 2.6), the recomputed products and
                  the fp32 parts costing more than the smaller state saves. d_v / v_split >= 16.
+    max_registers  registers per thread the per-chunk kernels and the chunk summary may use
+                 (Triton's `maxnreg`); 0 leaves it to the compiler, which takes up to 255. At
+                 head dim 128 and 8 warps the per-chunk kernels take 200-255, so one SM holds one
+                 program (8 of its 64 warps); 128 lets it hold two, at the cost of spills
+                 (benchmarks/results/kernels_sm90_d128.json). 0 in every entry: a cap was never
+                 timed. 0, or a multiple of 8 from 24 to 255.
     """
 
     chunk: int = 256
@@ -69,6 +75,7 @@ class LaunchConfig(NamedTuple):
     prec: str = "bf16"
     span: float = 100.0
     v_split: int = 1
+    max_registers: int = 0
 
 
 def _check(cfg: LaunchConfig) -> LaunchConfig:
@@ -84,6 +91,10 @@ def _check(cfg: LaunchConfig) -> LaunchConfig:
     for name in ("warps", "scan_chunks", "scan_block", "v_split"):
         if not pow2(getattr(cfg, name)):
             raise ValueError(f"{name} = {getattr(cfg, name)} is not allowed: a power of two")
+    regs = cfg.max_registers
+    if not isinstance(regs, int) or not (regs == 0 or (24 <= regs <= 255 and regs % 8 == 0)):
+        raise ValueError(f"max_registers = {regs} is not allowed: 0 (the compiler's choice) or a multiple of 8 "
+                         "from 24 to 255")
     if cfg.prec not in PRECISIONS:
         raise ValueError(f"prec = {cfg.prec!r} is not allowed: one of {', '.join(PRECISIONS)}")
     return cfg._replace(span=float(cfg.span))
@@ -110,6 +121,10 @@ _PREC = {torch.bfloat16: "bf16", torch.float16: "tf32", torch.float32: "ieee"}
 #   blocks (v_split) lost everywhere: 512/16/4 v_split 2 14.9 ms, 8 warps 17.0, v_split 4 21.5,
 #   256/16/4 v_split 2 15.4, 1024/16/4 v_split 2 14.7; at head dim 64 v_split 2 6.2 ms against
 #   2.63. Head dim 64 at 1024/16/4: 2.55 ms at 8K (twice), other T not timed, so it stays at 512.
+# - Compiled for sm_90 without a GPU (benchmarks/kernel_resources.py, kernels_sm90_d*.json): at
+#   head dim 128 and 8 warps the per-chunk kernels take 200-255 registers (one program per SM) and
+#   the backward spills 104-144 B per thread; the loops' products are HMMA, not HGMMA. Why no
+#   entry here reaches the 4.4 ms goal is in benchmarks/results/README.md.
 # Not measured, so the defaults the kernels had before this table (chunk 256, sub-chunk 16,
 # 4 warps up to head dim 64, 8 at 128): every fp16 and fp32 entry and head dims 16 and 32. The
 # scans' 8 chunks x 64 elements were never swept. A larger chunk also sends more positions to
