@@ -26,7 +26,7 @@ from titan_linear.ops.efficient_attn import efficient_attention_triton  # noqa: 
 from titan_linear.ops.efficient_attn.triton_tuning import launch_config, override  # noqa: E402
 
 FIELDS = ("chunk", "sub_chunk", "warps", "scan_chunks", "scan_block")
-NAMED = FIELDS + ("v_split", "max_registers")
+NAMED = FIELDS + ("v_split", "max_registers", "fill")
 
 
 def parse_candidate(text: str) -> dict[str, int]:

@@ -115,8 +115,9 @@ def bwd_query_kernel(
             tl.store(cp, cdp, mask=tm[:, None])
             LB += mm(tl.trans(p * gate0), do, PREC)
             lb += tl.sum(cdp * gate0, axis=0)
-        S = advance_state(S, r, r_next, kn, v, PREC)
-        r = r_next
+        if C > c:  # with one sub-chunk per chunk (LaunchConfig.fill) nothing follows
+            S = advance_state(S, r, r_next, kn, v, PREC)
+            r = r_next
         k_raw, v_raw, q_raw, do_raw = k_next, v_next, q_next, do_next
     slot = bhk.to(tl.int64) * NC + (n + NC - 1) % NC
     out = LBX + slot * DK * (DV + 1) + vb * BV
@@ -184,9 +185,10 @@ def bwd_key_kernel(
         dks = kt * (mm(v, tl.trans(Bs), PREC) - first * bs[None, :])
         # Renormalise the summary to r now and add this sub-chunk's positions into it in place:
         # a separate (DK, DV) accumulator would cost 32 more registers per thread at 4 warps.
-        decay = tl.exp2(r - r_next)
-        Bs = Bs * decay[:, None]
-        bs = bs * decay
+        if C > c:
+            decay = tl.exp2(r - r_next)
+            Bs = Bs * decay[:, None]
+            bs = bs * decay
         for g in range(G):
             h = hk * G + g
             p = softmax_rows(load_rows(Q, b64, h, t0, t0, T, sqb, sqh, sqt, c, DK))
@@ -196,8 +198,9 @@ def bwd_key_kernel(
             a, dkd = diag_dk(p, first * cdp, da, rd, e, z, FAST, krow, skt, T - t0, c, DK, PREC)
             dvs += mm(tl.trans(a), do, PREC)
             dks += dkd
-            Bs += mm(tl.trans(p * gate), do, PREC)
-            bs += tl.sum(cdp * gate, axis=0)
+            if C > c:  # with one sub-chunk per chunk (LaunchConfig.fill) no earlier one needs it
+                Bs += mm(tl.trans(p * gate), do, PREC)
+                bs += tl.sum(cdp * gate, axis=0)
         r_next = r
         dkp = DK_ + b64 * sdkb + hk * sdkh + t64[:, None] * sdkt + dk[None, :]
         dvp = DV_ + b64 * sdvb + hk * sdvh + t64[:, None] * sdvt + dv[None, :]

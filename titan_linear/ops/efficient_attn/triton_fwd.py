@@ -118,6 +118,65 @@ def chunk_output_kernel(
             op = O + b64 * sob + h * soh + t64[:, None] * sot + dv[None, :]
             tl.store(op, o.to(O.dtype.element_ty), mask=tm[:, None])
         # Also after the last sub-chunk, where the scan already has the state: a product inside
-        # an `if` here made Triton 3.6's bf16 output wrong and nondeterministic on an H100.
-        S = advance_state(S, r, r_next, kn, v, PREC)
+        # a runtime `if` here made Triton 3.6's bf16 output wrong and nondeterministic on an
+        # H100. With one sub-chunk per chunk (LaunchConfig.fill) the compiler drops it.
+        if C > c:
+            S = advance_state(S, r, r_next, kn, v, PREC)
+            r = r_next
+
+
+@triton.jit
+def state_fill_kernel(
+    K, V, S_END, Z_END, SF, ZF, FF,
+    skb, skh, skt, svb, svh, svt,
+    T, HK, NC,
+    C: tl.constexpr, c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, SPAN: tl.constexpr,
+):
+    """The state and log2 z after every sub-chunk, from the scan's states at chunk boundaries
+    (LaunchConfig.fill): the per-chunk kernels then run one program per sub-chunk, carrying
+    nothing from one sub-chunk to the next.
+
+    Grid (NC, B · HK, (DK // BK) · (DV // BV)). S_END, Z_END: the scan's (B · HK, NC, DK, DV) and
+    (B · HK, NC, DK). Writes SF (B · HK, NF, DK, DV) and ZF (B · HK, NF, DK), NF = NC · C / c, in
+    the scan's layout at sub-chunk granularity (a sub-chunk wholly past T repeats the last
+    state and z: no keys, nothing changes), and FF (B · HK, NF, DK // BK) int32: 1 where a
+    feature of the block's keys has its first key more than SPAN below its largest
+    (triton_diag.sub_chunks_exact_only's test, per sub-chunk; the caller takes the max over
+    the key blocks). Program (n, bhk, j) walks chunk n for key features kb · BK … and value
+    features vb · BV …: every factor of the state's update is per key feature, so a key block
+    is exact on its own, and its (BK, BV) fp32 state is small enough for 64-row products."""
+    n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    j = tl.program_id(2)
+    kb, vb = j // (DV // BV), j % (DV // BV)
+    b, hk = bhk // HK, bhk % HK
+    b64 = b.to(tl.int64)
+    fk, fv = kb * BK + tl.arange(0, BK), vb * BV + tl.arange(0, BV)
+    prev = bhk.to(tl.int64) * NC + tl.maximum(n - 1, 0)
+    r = tl.load(Z_END + prev * DK + fk, mask=fk < tl.where(n > 0, DK, 0), other=float("-inf"))
+    S = tl.load(S_END + prev * DK * DV + fk[:, None] * DV + fv[None, :])
+    S = tl.where(n > 0, S, 0.0)
+    for i in range(C // c):
+        t0 = n * C + i * c
+        f = (bhk.to(tl.int64) * NC + n) * (C // c) + i
+        t = t0 + tl.arange(0, c)
+        tm = t < T
+        kp = K + b64 * skb + hk * skh + t[:, None].to(tl.int64) * skt + fk[None, :]
+        vp = V + b64 * svb + hk * svh + t[:, None].to(tl.int64) * svt + fv[None, :]
+        k2 = tl.load(kp, mask=tm[:, None], other=float("-inf")).to(tl.float32) * LOG2E
+        v = tl.load(vp, mask=tm[:, None], other=0.0).to(tl.float32)
+        top = tl.max(k2, axis=0)
+        m = tl.maximum(r, top)  # finite unless nothing came before or here (then e = 0, S = 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        e = tl.exp2(k2 - m[None, :])
+        d_last = tl.exp2(r - m) + tl.sum(e, axis=0)
+        r_next = m + tl.log2(d_last)
+        S = S * tl.exp2(r - r_next)[:, None] + mm(tl.trans(e * (1.0 / d_last)[None, :]), v, PREC)
         r = r_next
+        tl.store(SF + f * DK * DV + fk[:, None] * DV + fv[None, :], S)
+        if vb == 0:
+            tl.store(ZF + f * DK + fk, r)
+            first = tl.sum(tl.where(tl.arange(0, c)[:, None] == 0, k2, 0.0), axis=0)
+            # Past T: -inf − -inf = NaN, which compares false: nothing to flag.
+            tl.store(FF + f * (DK // BK) + kb, tl.max(tl.where(first - top < -SPAN, 1, 0), axis=0))

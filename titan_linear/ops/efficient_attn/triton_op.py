@@ -15,7 +15,7 @@ import triton
 from .naive import check_qkv
 from .triton_bwd import bwd_key_kernel, bwd_query_kernel
 from .triton_common import reverse_scan_kernel, state_scan_kernel
-from .triton_fwd import chunk_output_kernel, chunk_summary_kernel
+from .triton_fwd import chunk_output_kernel, chunk_summary_kernel, state_fill_kernel
 from .triton_tuning import HEAD_DIMS, LaunchConfig, launch_config
 
 
@@ -64,6 +64,30 @@ def _reverse_scan(u: torch.Tensor, z_end: torch.Tensor, cfg: LaunchConfig) -> to
     return x
 
 
+def _fill_states(k, v, s_end, z_end, cfg: LaunchConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s_end, z_end, flags) after every sub-chunk instead of every chunk (LaunchConfig.fill):
+    state_fill_kernel walks each chunk from the scan's state before it."""
+    bs, n_kv, seqlen, d_k = k.shape
+    d_v = v.shape[-1]
+    bh, nc = s_end.shape[:2]
+    nf = nc * (cfg.chunk // cfg.sub_chunk)  # the last chunk's sub-chunks past T included
+    bk, bv = min(d_k, 64), min(d_v, 64)
+    f32 = dict(dtype=torch.float32, device=k.device)
+    sf = torch.empty(bh, nf, d_k, d_v, **f32)
+    zf = torch.empty(bh, nf, d_k, **f32)
+    ff = torch.empty(bh, nf, d_k // bk, dtype=torch.int32, device=k.device)
+    state_fill_kernel[(nc, bh, (d_k // bk) * (d_v // bv))](
+        k, v, s_end, z_end, sf, zf, ff, *_strides(k), *_strides(v), seqlen, n_kv, nc,
+        C=cfg.chunk, c=cfg.sub_chunk, DK=d_k, DV=d_v, BK=bk, BV=bv, PREC=cfg.prec, SPAN=cfg.span,
+        num_warps=4)
+    return sf, zf, ff.amax(dim=-1).to(torch.int32)
+
+
+def _per_chunk_config(cfg: LaunchConfig) -> LaunchConfig:
+    """The config the per-chunk kernels run with: with fill, chunks of one sub-chunk."""
+    return cfg._replace(chunk=cfg.sub_chunk) if cfg.fill else cfg
+
+
 def _value_block(d_v: int, cfg: LaunchConfig) -> int:
     """The value features per program, d_v / v_split (LaunchConfig.v_split); ValueError if that
     is not a whole block of at least 16 (the products' smallest tile)."""
@@ -94,13 +118,13 @@ def _per_chunk(kernel, grid, args: tuple, group: int, d_k: int, d_v: int, cfg: L
 def efficient_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     chunk: int, sub_chunk: int, warps: int, scan_chunks: int, scan_block: int, prec: str, span: float,
-    v_split: int, max_registers: int,
+    v_split: int, max_registers: int, fill: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (o, s_end, z_end, flags): o (bs, n_heads, seqlen, d_v); s_end (bs · n_kv_heads,
     chunks, d_k, d_v) fp32 state after each chunk; z_end (bs · n_kv_heads, chunks, d_k) fp32 log2
     z; flags (bs · n_kv_heads, chunks) int32, the chunks the exact kernels take. The remaining
     arguments are a LaunchConfig's fields (triton_tuning.py)."""
-    cfg = LaunchConfig(chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span, v_split, max_registers)
+    cfg = LaunchConfig(chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span, v_split, max_registers, fill)
     group = check_qkv(q, k, v)
     q, k, v = _unit_stride(q, k, v)
     bs, n_heads, seqlen, d_k = q.shape
@@ -117,18 +141,21 @@ def efficient_attn_fwd(
         PREC=prec, SPAN=span, num_warps=warps, **_register_cap(cfg),
     )
     s_end, z_end = _forward_states(local, lse2, cfg)
+    if fill:
+        s_end, z_end, flags = _fill_states(k, v, s_end, z_end, cfg)
+        grid = (s_end.shape[1], bs * n_kv)
     o = _like_bthd(q, d_v, q.dtype)
     _per_chunk(chunk_output_kernel, grid, (
         q, k, v, o, s_end, z_end, flags, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        seqlen, n_kv, nc), group, d_k, d_v, cfg)
+        seqlen, n_kv, grid[0]), group, d_k, d_v, _per_chunk_config(cfg))
     return o, s_end, z_end, flags
 
 
 @efficient_attn_fwd.register_fake
-def _(q, k, v, chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span, v_split, max_registers):
+def _(q, k, v, chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span, v_split, max_registers, fill):
     bs, n_heads, seqlen, d_k = q.shape
     n_kv, d_v = k.shape[1], v.shape[-1]
-    nc = -(-seqlen // chunk)
+    nc = -(-seqlen // chunk) * (chunk // sub_chunk if fill else 1)
     s_end = q.new_empty(bs * n_kv, nc, d_k, d_v, dtype=torch.float32)
     z_end = q.new_empty(bs * n_kv, nc, d_k, dtype=torch.float32)
     return _like_bthd(q, d_v, q.dtype), s_end, z_end, q.new_empty(bs * n_kv, nc, dtype=torch.int32)
@@ -139,11 +166,14 @@ def efficient_attn_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     s_end: torch.Tensor, z_end: torch.Tensor, flags: torch.Tensor,
     chunk: int, sub_chunk: int, warps: int, scan_chunks: int, scan_block: int, prec: str, span: float,
-    v_split: int, max_registers: int,
+    v_split: int, max_registers: int, fill: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv from the output gradient and efficient_attn_fwd's saved s_end, z_end, flags,
-    with the forward's launch config."""
-    cfg = LaunchConfig(chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span, v_split, max_registers)
+    with the forward's launch config (with fill, s_end and z_end are per sub-chunk, and the
+    kernels run with chunks of one sub-chunk)."""
+    cfg = _per_chunk_config(
+        LaunchConfig(chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span, v_split, max_registers, fill))
+    chunk = cfg.chunk
     group = check_qkv(q, k, v)
     do, q, k, v = _unit_stride(do, q, k, v)
     bs, n_heads, seqlen, d_k = q.shape

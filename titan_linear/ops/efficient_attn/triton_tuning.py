@@ -65,6 +65,13 @@ class LaunchConfig(NamedTuple):
                  program (8 of its 64 warps); 128 lets it hold two, at the cost of spills
                  (benchmarks/results/kernels_sm90_d128.json). 0 in every entry: a cap was never
                  timed. 0, or a multiple of 8 from 24 to 255.
+    fill         1: the chunk stays the unit of the summaries and the scan, but the per-chunk
+                 kernels run one program per sub-chunk, from the state and z after every
+                 sub-chunk, which `state_fill_kernel` (triton_fwd.py) fills in from the chunk
+                 states in key and value blocks of 64 features. No program then carries a
+                 (d_k, d_v) state through a loop, at the cost of one fp32 state per sub-chunk in
+                 memory (saved for the backward). 0: the per-chunk kernels walk the chunk's
+                 sub-chunks, carrying the state (the layout every entry was measured with).
     """
 
     chunk: int = 256
@@ -76,6 +83,7 @@ class LaunchConfig(NamedTuple):
     span: float = 100.0
     v_split: int = 1
     max_registers: int = 0
+    fill: int = 0
 
 
 def _check(cfg: LaunchConfig) -> LaunchConfig:
@@ -95,6 +103,9 @@ def _check(cfg: LaunchConfig) -> LaunchConfig:
     if not isinstance(regs, int) or not (regs == 0 or (24 <= regs <= 255 and regs % 8 == 0)):
         raise ValueError(f"max_registers = {regs} is not allowed: 0 (the compiler's choice) or a multiple of 8 "
                          "from 24 to 255")
+    if cfg.fill not in (0, 1):
+        raise ValueError(f"fill = {cfg.fill} is not allowed: 0 (carry the state through the chunk) or 1 "
+                         "(fill in the state after every sub-chunk)")
     if cfg.prec not in PRECISIONS:
         raise ValueError(f"prec = {cfg.prec!r} is not allowed: one of {', '.join(PRECISIONS)}")
     return cfg._replace(span=float(cfg.span))
