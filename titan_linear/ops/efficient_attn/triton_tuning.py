@@ -71,7 +71,9 @@ class LaunchConfig(NamedTuple):
                  states in key and value blocks of 64 features. No program then carries a
                  (d_k, d_v) state through a loop, at the cost of one fp32 state per sub-chunk in
                  memory (saved for the backward). 0: the per-chunk kernels walk the chunk's
-                 sub-chunks, carrying the state (the layout every entry was measured with).
+                 sub-chunks, carrying the state. 0 in every entry: on an H200 fill was slower
+                 (head dim 128: 13.3-16.0 ms against 9.4; head dim 64: 3.2-3.8 against 2.6),
+                 since the per-sub-chunk kernels still hold full-width per-feature tiles.
     """
 
     chunk: int = 256
@@ -136,6 +138,9 @@ _PREC = {torch.bfloat16: "bf16", torch.float16: "tf32", torch.float32: "ieee"}
 #   head dim 128 and 8 warps the per-chunk kernels take 200-255 registers (one program per SM) and
 #   the backward spills 104-144 B per thread; the loops' products are HMMA, not HGMMA. Why no
 #   entry here reaches the 4.4 ms goal is in benchmarks/results/README.md.
+# - H200, 2026-12-05 (tune_h200_fill.json, T = 8K): fill = 1 lost at both head dims: 128, sub-chunk
+#   64 / 32 at 8 warps 14.06 / 13.32 ms (4 warps 16.01 / 13.88, v_split 2 23.08) against 9.44;
+#   64, sub-chunk 64 / 32 3.15 / 3.83 against 2.63.
 # Not measured, so the defaults the kernels had before this table (chunk 256, sub-chunk 16,
 # 4 warps up to head dim 64, 8 at 128): every fp16 and fp32 entry and head dims 16 and 32. The
 # scans' 8 chunks x 64 elements were never swept. A larger chunk also sends more positions to
