@@ -31,16 +31,24 @@ NAMED = FIELDS + ("v_split", "max_registers", "fill")
 
 def parse_candidate(text: str) -> dict[str, int]:
     """"256:16:4" -> {"chunk": 256, "sub_chunk": 16, "warps": 4} (up to five fields, FIELDS);
-    "warps=4,v_split=2" -> {"warps": 4, "v_split": 2} (any of NAMED)."""
+    "warps=4,v_split=2" -> {"warps": 4, "v_split": 2} (any of NAMED). The values must pass the
+    tuning table's own checks (triton_tuning.override), so a bad one stops before anything runs."""
     if "=" in text:
         fields = dict(item.split("=", 1) for item in text.split(","))
         if not fields.keys() <= set(NAMED) or not all(v.isdigit() for v in fields.values()):
             raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=INTEGER,... with NAME one of {', '.join(NAMED)}")
-        return {k: int(v) for k, v in fields.items()}
-    values = [int(x) for x in text.split(":")]
-    if not 1 <= len(values) <= len(FIELDS):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected chunk:sub_chunk:warps[:scan_chunks:scan_block]")
-    return dict(zip(FIELDS, values))
+        fields = {k: int(v) for k, v in fields.items()}
+    else:
+        values = [int(x) for x in text.split(":")]
+        if not 1 <= len(values) <= len(FIELDS):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected chunk:sub_chunk:warps[:scan_chunks:scan_block]")
+        fields = dict(zip(FIELDS, values))
+    try:
+        with override(**fields):
+            pass
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    return fields
 
 
 def _rel_err(fields: dict, reference: list[torch.Tensor], B: int, H: int, T: int, D: int) -> float:
