@@ -166,7 +166,9 @@ def test_hybrid_model_on_triton_path_matches_torch_path(interpreted_errors):
     errors = interpreted_errors[len(CASES)]
     linear = [n for n in errors if n.startswith(("layers.1.attention", "layers.3.attention", "layers.5.attention"))]
     assert linear, sorted(errors)  # the gradients that flow through the Triton backward
-    assert all(e < 1e-4 for e in errors.values()), {n: e for n, e in errors.items() if e >= 1e-4}
+    # fp32 through two different algorithms (chunked torch, interpreted Triton): 2e-5 to 1.1e-4
+    # (layers.1 wq, seen once in a full-suite run); a wrong term gives O(1).
+    assert all(e < 3e-4 for e in errors.values()), {n: e for n, e in errors.items() if e >= 3e-4}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/ops/test_gpu.py runs the compiled kernels")
