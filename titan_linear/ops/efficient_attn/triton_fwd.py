@@ -167,8 +167,9 @@ def state_fill_kernel(
         k2 = tl.load(kp, mask=tm[:, None], other=float("-inf")).to(tl.float32) * LOG2E
         v = tl.load(vp, mask=tm[:, None], other=0.0).to(tl.float32)
         top = tl.max(k2, axis=0)
-        m = tl.maximum(r, top)  # finite unless nothing came before or here (then e = 0, S = 0)
-        m = tl.where(m == float("-inf"), 0.0, m)
+        # Finite: a sequence's first sub-chunk holds a real key, and every later one starts
+        # from a finite r (a sub-chunk past T has no keys and keeps r).
+        m = tl.maximum(r, top)
         e = tl.exp2(k2 - m[None, :])
         d_last = tl.exp2(r - m) + tl.sum(e, axis=0)
         r_next = m + tl.log2(d_last)
