@@ -102,6 +102,23 @@ def head_rows(X, b64, h, t0, end, sxb, sxh, sxt, first, g, c: tl.constexpr, D: t
 
 
 @triton.jit
+def fast_factors(k2, r, PREC: tl.constexpr):
+    """The factorised form of a sub-chunk (module docstring) for keys k2 (c, D) in log2 units
+    (-inf past the sequence) and z2 = r (D) before it: (e, 1 / D, gate = 2^(r − z2_t),
+    D's last row, z2 after the sub-chunk). D may be any set of key features: every factor is
+    per feature, so a block of them is exact on its own (triton_blocks.py relies on it)."""
+    m = tl.maximum(r, tl.max(k2, axis=0))  # finite: a real position is here or came before
+    e = tl.exp2(k2 - m[None, :])
+    w = tl.exp2(r - m)
+    d = w[None, :] + cumsum_rows(e, False, PREC)
+    rd = 1.0 / d
+    # D is non-decreasing in t (padding adds e = 0), so its max row is the last; that row
+    # holds the max key's e = 1, so its log is exact even where D's first row is tiny.
+    d_last = tl.max(d, axis=0)
+    return e, rd, w[None, :] * rd, d_last, m + tl.log2(d_last)
+
+
+@triton.jit
 def load_sub_chunk(K, b64, hk, t0, T, skb, skh, skt, k_raw, v_raw, r, vs,
                    c: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr,
                    FAST: tl.constexpr):
@@ -122,16 +139,7 @@ def load_sub_chunk(K, b64, hk, t0, T, skb, skh, skt, k_raw, v_raw, r, vs,
     k2 = tl.where(tm, k_raw.to(tl.float32) * LOG2E, float("-inf"))
     v = tl.where(tm, v_raw.to(tl.float32) - vs[None, :], 0.0)
     if FAST:
-        m = tl.maximum(r, tl.max(k2, axis=0))  # finite: a real position is here or came before
-        e = tl.exp2(k2 - m[None, :])
-        w = tl.exp2(r - m)
-        d = w[None, :] + cumsum_rows(e, False, PREC)
-        rd = 1.0 / d
-        # D is non-decreasing in t (padding adds e = 0), so its max row is the last; that row
-        # holds the max key's e = 1, so its log is exact even where D's first row is tiny.
-        d_last = tl.max(d, axis=0)
-        r_next = m + tl.log2(d_last)
-        gate = w[None, :] * rd
+        e, rd, gate, d_last, r_next = fast_factors(k2, r, PREC)
         kn = e * (1.0 / d_last)[None, :]
         z = gate  # unused by the fast products
     else:

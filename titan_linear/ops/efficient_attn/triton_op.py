@@ -13,6 +13,7 @@ import torch
 import triton
 
 from .naive import check_qkv
+from .triton_blocks import block_bwd_key_kernel, block_bwd_query_kernel, block_output_kernel
 from .triton_bwd import bwd_key_kernel, bwd_query_kernel
 from .triton_common import reverse_scan_kernel, state_scan_kernel
 from .triton_fwd import chunk_output_kernel, chunk_summary_kernel, state_fill_kernel
@@ -65,12 +66,12 @@ def _reverse_scan(u: torch.Tensor, z_end: torch.Tensor, cfg: LaunchConfig) -> to
 
 
 def _fill_states(k, v, s_end, z_end, cfg: LaunchConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(s_end, z_end, flags) after every sub-chunk instead of every chunk (LaunchConfig.fill):
-    state_fill_kernel walks each chunk from the scan's state before it."""
+    """(s_end, z_end, flags) after every block of cfg.fill positions instead of every chunk
+    (LaunchConfig.fill): state_fill_kernel walks each chunk from the scan's state before it."""
     bs, n_kv, seqlen, d_k = k.shape
     d_v = v.shape[-1]
     bh, nc = s_end.shape[:2]
-    nf = nc * (cfg.chunk // cfg.sub_chunk)  # the last chunk's sub-chunks past T included
+    nf = nc * (cfg.chunk // cfg.fill)  # the last chunk's blocks past T included
     bk, bv = min(d_k, 64), min(d_v, 64)
     f32 = dict(dtype=torch.float32, device=k.device)
     sf = torch.empty(bh, nf, d_k, d_v, **f32)
@@ -78,14 +79,20 @@ def _fill_states(k, v, s_end, z_end, cfg: LaunchConfig) -> tuple[torch.Tensor, t
     ff = torch.empty(bh, nf, d_k // bk, dtype=torch.int32, device=k.device)
     state_fill_kernel[(nc, bh, (d_k // bk) * (d_v // bv))](
         k, v, s_end, z_end, sf, zf, ff, *_strides(k), *_strides(v), seqlen, n_kv, nc,
-        C=cfg.chunk, c=cfg.sub_chunk, DK=d_k, DV=d_v, BK=bk, BV=bv, PREC=cfg.prec, SPAN=cfg.span,
+        C=cfg.chunk, c=cfg.fill, DK=d_k, DV=d_v, BK=bk, BV=bv, PREC=cfg.prec, SPAN=cfg.span,
         num_warps=4)
     return sf, zf, ff.amax(dim=-1).to(torch.int32)
 
 
 def _per_chunk_config(cfg: LaunchConfig) -> LaunchConfig:
-    """The config the per-chunk kernels run with: with fill, chunks of one sub-chunk."""
-    return cfg._replace(chunk=cfg.sub_chunk) if cfg.fill else cfg
+    """The config the carried-state kernels run with: with fill, one chunk per filled block (they
+    take the flagged blocks, walking each in sub-chunks)."""
+    return cfg._replace(chunk=cfg.fill) if cfg.fill else cfg
+
+
+def _key_block(d_k: int) -> int:
+    """Key features per step of the filled-state kernels (triton_blocks.py)."""
+    return min(d_k, 64)
 
 
 def _value_block(d_v: int, cfg: LaunchConfig) -> int:
@@ -102,11 +109,13 @@ def _register_cap(cfg: LaunchConfig) -> dict:
     return {"maxnreg": cfg.max_registers} if cfg.max_registers else {}
 
 
-def _per_chunk(kernel, grid, args: tuple, group: int, d_k: int, d_v: int, cfg: LaunchConfig) -> None:
+def _per_chunk(kernel, grid, args: tuple, group: int, d_k: int, d_v: int, cfg: LaunchConfig,
+               variants: tuple[bool, ...] = (True, False)) -> None:
     """Launch both compiled variants of a per-chunk kernel (triton_diag.py): FAST for the chunks
     the summary left unflagged, then the exact one for the flagged; each variant's programs
-    return at once for the other's chunks. One program per (chunk, kv head, value block)."""
-    for fast in (True, False):
+    return at once for the other's chunks. One program per (chunk, kv head, value block).
+    With fill only the exact variant (variants=(False,)): triton_blocks.py takes the rest."""
+    for fast in variants:
         kernel[(*grid, cfg.v_split)](*args, G=group, C=cfg.chunk, c=cfg.sub_chunk, DK=d_k, DV=d_v,
                                      BV=_value_block(d_v, cfg), PREC=cfg.prec, FAST=fast, num_warps=cfg.warps,
                                      **_register_cap(cfg))
@@ -141,13 +150,19 @@ def efficient_attn_fwd(
         PREC=prec, SPAN=span, num_warps=warps, **_register_cap(cfg),
     )
     s_end, z_end = _forward_states(local, lse2, cfg)
+    o = _like_bthd(q, d_v, q.dtype)
+    variants = (True, False)
     if fill:
         s_end, z_end, flags = _fill_states(k, v, s_end, z_end, cfg)
         grid = (s_end.shape[1], bs * n_kv)
-    o = _like_bthd(q, d_v, q.dtype)
+        block_output_kernel[(grid[0], bs * n_heads)](
+            q, k, v, o, s_end, z_end, flags, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            seqlen, n_kv, grid[0], G=group, F=fill, DK=d_k, DV=d_v, BK=_key_block(d_k), PREC=prec,
+            num_warps=warps, **_register_cap(cfg))
+        variants = (False,)
     _per_chunk(chunk_output_kernel, grid, (
         q, k, v, o, s_end, z_end, flags, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        seqlen, n_kv, grid[0]), group, d_k, d_v, _per_chunk_config(cfg))
+        seqlen, n_kv, grid[0]), group, d_k, d_v, _per_chunk_config(cfg), variants)
     return o, s_end, z_end, flags
 
 
@@ -155,7 +170,7 @@ def efficient_attn_fwd(
 def _(q, k, v, chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span, v_split, max_registers, fill):
     bs, n_heads, seqlen, d_k = q.shape
     n_kv, d_v = k.shape[1], v.shape[-1]
-    nc = -(-seqlen // chunk) * (chunk // sub_chunk if fill else 1)
+    nc = -(-seqlen // chunk) * (chunk // fill if fill else 1)
     s_end = q.new_empty(bs * n_kv, nc, d_k, d_v, dtype=torch.float32)
     z_end = q.new_empty(bs * n_kv, nc, d_k, dtype=torch.float32)
     return _like_bthd(q, d_v, q.dtype), s_end, z_end, q.new_empty(bs * n_kv, nc, dtype=torch.int32)
@@ -169,8 +184,8 @@ def efficient_attn_bwd(
     v_split: int, max_registers: int, fill: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv from the output gradient and efficient_attn_fwd's saved s_end, z_end, flags,
-    with the forward's launch config (with fill, s_end and z_end are per sub-chunk, and the
-    kernels run with chunks of one sub-chunk)."""
+    with the forward's launch config (with fill, s_end and z_end are per filled block:
+    triton_blocks.py takes the unflagged blocks, the carried-state kernels the flagged ones)."""
     cfg = _per_chunk_config(
         LaunchConfig(chunk, sub_chunk, warps, scan_chunks, scan_block, prec, span, v_split, max_registers, fill))
     chunk = cfg.chunk
@@ -195,12 +210,21 @@ def efficient_attn_bwd(
     # own mean would be one more pass over v).
     v_shift = s_end[:, -1].mean(dim=1).contiguous()
     grid = (nc, bs * n_kv)
+    variants = (True, False)
+    blocks = dict(G=group, F=chunk, DK=d_k, DV=d_v, BK=_key_block(d_k), PREC=prec, num_warps=warps,
+                  **_register_cap(cfg))
+    if fill:  # v_split is 1 (triton_tuning._check)
+        q_lse = torch.empty(bs, n_heads, seqlen, **f32)
+        block_bwd_query_kernel[grid](
+            q, k, v, do, dq, cdp, q_lse, s_end, z_end, later, flags, v_shift,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), seqlen, n_kv, nc, **blocks)
+        variants = (False,)
     _per_chunk(bwd_query_kernel, grid, (
         q, k, v, do, dq_parts, cdp, s_end, z_end, refs, later, lb_parts, flags, v_shift,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq_parts[0]),
         dq_parts.stride(0) if split else 0, cdp.stride(0) if split else 0,
         lb_parts.stride(0) if split else 0, lb_parts.stride(2), lb_parts.stride(3),
-        seqlen, n_kv, nc), group, d_k, d_v, cfg)
+        seqlen, n_kv, nc), group, d_k, d_v, cfg, variants)
     if split:
         dq.copy_(dq_parts.sum(0))
         cdp = cdp.sum(0, keepdim=True)
@@ -210,11 +234,16 @@ def efficient_attn_bwd(
     dk = _like_bthd(k, d_k, k.dtype)
     dv = _like_bthd(v, d_v, v.dtype)
     dk_parts = torch.empty(v_split, bs, seqlen, n_kv, d_k, **f32).transpose(2, 3) if split else dk[None]
+    if fill:
+        block_bwd_key_kernel[grid](
+            q, k, v, do, cdp, q_lse, z_end, later, dk, dv, flags, v_shift,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+            seqlen, n_kv, nc, **blocks)
     _per_chunk(bwd_key_kernel, grid, (
         q, k, v, do, cdp, z_end, refs, later, dk_parts, dv, flags, v_shift,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk_parts[0]),
         dk_parts.stride(0) if split else 0, *_strides(dv),
-        seqlen, n_kv, nc), group, d_k, d_v, cfg)
+        seqlen, n_kv, nc), group, d_k, d_v, cfg, variants)
     if split:
         dk.copy_(dk_parts.sum(0))
     return dq, dk, dv

@@ -105,9 +105,14 @@ def _check(cfg: LaunchConfig) -> LaunchConfig:
     if not isinstance(regs, int) or not (regs == 0 or (24 <= regs <= 255 and regs % 8 == 0)):
         raise ValueError(f"max_registers = {regs} is not allowed: 0 (the compiler's choice) or a multiple of 8 "
                          "from 24 to 255")
-    if cfg.fill not in (0, 1):
-        raise ValueError(f"fill = {cfg.fill} is not allowed: 0 (carry the state through the chunk) or 1 "
-                         "(fill in the state after every sub-chunk)")
+    if cfg.fill and not (pow2(cfg.fill) and cfg.fill >= 16 and cfg.fill % cfg.sub_chunk == 0
+                         and cfg.chunk % cfg.fill == 0):
+        raise ValueError(f"fill = {cfg.fill} is not allowed: 0 (carry the state through the chunk) or a power of "
+                         f"two from the sub-chunk ({cfg.sub_chunk}) to the chunk ({cfg.chunk}): the positions "
+                         "between filled states")
+    if cfg.fill and cfg.v_split != 1:
+        raise ValueError(f"v_split = {cfg.v_split} is not allowed with fill = {cfg.fill}: 1 (the filled-state "
+                         "kernels split the key features, not the values)")
     if cfg.prec not in PRECISIONS:
         raise ValueError(f"prec = {cfg.prec!r} is not allowed: one of {', '.join(PRECISIONS)}")
     return cfg._replace(span=float(cfg.span))
