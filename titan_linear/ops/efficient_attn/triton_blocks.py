@@ -23,8 +23,8 @@ block in sub-chunks. The value shift VSHIFT is triton_bwd.py's.
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E
-from .triton_diag import cumsum_rows, fast_factors, mm
+from .triton_common import LOG2E, softmax_rows
+from .triton_diag import cumsum_rows, fast_factors, mm, operand
 
 
 @triton.jit
@@ -67,6 +67,13 @@ def _state_rows(SF, bhk, n, NF, kb, DK: tl.constexpr, DV: tl.constexpr, BK: tl.c
 
 
 @triton.jit
+def _shifted_values(V, vrow0, t, tm, svt, vs, DV: tl.constexpr, PREC: tl.constexpr):
+    """The block's values less the shift vs (0 past T), as the products take them."""
+    v = _rows(V, vrow0, t, tm, 0, svt, DV, 0.0).to(tl.float32) - vs[None, :]
+    return operand(tl.where(tm[:, None], v, 0.0), PREC)
+
+
+@triton.jit
 def block_output_kernel(
     Q, K, V, O, SF, ZF, FLAGS,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
@@ -97,7 +104,7 @@ def block_output_kernel(
     o = tl.zeros([F, DV], dtype=tl.float32)
     for kb in range(DK // BK):
         k2, r = _block_keys(K, krow0, ZF, bhk, n, NF, t, tm, skt, kb, DK, BK)
-        S = _state_rows(SF, bhk, n, NF, kb, DK, DV, BK)
+        S = operand(_state_rows(SF, bhk, n, NF, kb, DK, DV, BK), PREC)
         e, rd, gate, _, _ = fast_factors(k2, r, PREC)
         p = tl.exp2(_rows(Q, qrow0, t, tm, kb * BK, sqt, BK, 0.0).to(tl.float32) * LOG2E - lse[:, None])
         a += mm(p * rd, tl.trans(e), PREC)
@@ -112,19 +119,21 @@ def block_output_kernel(
 
 @triton.jit
 def block_bwd_query_kernel(
-    Q, K, V, DO, DQ, CDP, QLSE, SF, ZF, LBX, FLAGS, VSHIFT,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt,
+    Q, K, V, DO, CDP, SF, ZF, LBX, FLAGS, VSHIFT,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
     T, HK, NF,
     G: tl.constexpr, F: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Grid (NF, B · HK): block n of kv head hk and its G query heads. Writes dq; c = p ⊙ dp
-    (CDP, (B, H, T, DK) fp32) and each query row's log2-sum-exp2 (QLSE, (B, H, T) fp32) for
-    block_bwd_key_kernel; and the block's reverse summary [Σ_t (p ⊙ gate)_t ⊗ do_t | Σ_t c_t ⊙
-    gate_t] at LBX slot n − 1 (block 0's at NF − 1), (B · HK, NF, DK, DV + 1), as
-    bwd_query_kernel does per chunk. One block is one sub-chunk, so its reference is its start."""
-    n = tl.program_id(0)
-    bhk = tl.program_id(1)
+    """Grid (DK // BK, NF, B · HK): key features kb · BK … of block n of kv head hk and its G
+    query heads. Writes c = p ⊙ dp (CDP, (B, H, T, DK) fp32; block_dq_kernel makes dq of it, the
+    key side reads it) and those rows of the block's reverse summary [Σ_t (p ⊙ gate)_t ⊗ do_t |
+    Σ_t c_t ⊙ gate_t] at LBX slot n − 1 (block 0's at NF − 1), (B · HK, NF, DK, DV + 1), as
+    bwd_query_kernel does per chunk (one block is one sub-chunk: its reference is its start).
+    Nothing here is summed over key blocks, so each is a program of its own."""
+    kb = tl.program_id(0)
+    n = tl.program_id(1)
+    bhk = tl.program_id(2)
     if tl.load(FLAGS + bhk.to(tl.int64) * NF + n) != 0:
         return
     b, hk = bhk // HK, bhk % HK
@@ -132,77 +141,75 @@ def block_bwd_query_kernel(
     H = HK * G
     t = n * F + tl.arange(0, F)
     tm = t < T
-    dvr, ic = tl.arange(0, DV), tl.arange(0, F)
+    fk, dvr, ic = kb * BK + tl.arange(0, BK), tl.arange(0, DV), tl.arange(0, F)
     causal = ic[:, None] >= ic[None, :]
-    krow0 = b64 * skb + hk.to(tl.int64) * skh
     vs = tl.load(VSHIFT + bhk.to(tl.int64) * DV + dvr)
-    v = tl.where(tm[:, None], _rows(V, b64 * svb + hk.to(tl.int64) * svh, t, tm, 0, svt, DV, 0.0).to(tl.float32)
-                 - vs[None, :], 0.0)
-    for g in range(G):
-        h = hk * G + g
-        lse = _query_lse(Q, b64 * sqb + h.to(tl.int64) * sqh, t, tm, sqt, DK, BK)
-        tl.store(QLSE + (b64 * H + h) * T + t, lse, mask=tm)
-    tl.debug_barrier()  # QLSE is read back below by other threads of this program
-    slot = bhk.to(tl.int64) * NF + (n + NF - 1) % NF
-    for kb in range(DK // BK):
-        fk = kb * BK + tl.arange(0, BK)
-        k2, r = _block_keys(K, krow0, ZF, bhk, n, NF, t, tm, skt, kb, DK, BK)
-        S = _state_rows(SF, bhk, n, NF, kb, DK, DV, BK)
-        # Before the first block the gate is 0, so the shift there is multiplied by 0.
-        S = S - vs[None, :]
-        e, rd, gate, _, _ = fast_factors(k2, r, PREC)
-        lb_v = tl.zeros([BK, DV], dtype=tl.float32)
-        lb = tl.zeros([BK], dtype=tl.float32)
-        for g in range(G):
-            h = hk * G + g
-            qrow0 = b64 * sqb + h.to(tl.int64) * sqh
-            lse = tl.load(QLSE + (b64 * H + h) * T + t, mask=tm, other=0.0)
-            p = tl.exp2(_rows(Q, qrow0, t, tm, kb * BK, sqt, BK, 0.0).to(tl.float32) * LOG2E - lse[:, None])
-            do = _rows(DO, b64 * sdob + h.to(tl.int64) * sdoh, t, tm, 0, sdot, DV, 0.0)
-            da = tl.where(causal, mm(do, tl.trans(v), PREC), 0.0)
-            dp = rd * mm(da, e, PREC) + gate * mm(do, tl.trans(S), PREC)
-            cdp = p * dp
-            cp = CDP + ((b64 * H + h) * T + t[:, None].to(tl.int64)) * DK + fk[None, :]
-            tl.store(cp, cdp, mask=tm[:, None])
-            lb_v += mm(tl.trans(p * gate), do, PREC)
-            lb += tl.sum(cdp * gate, axis=0)
-        out = LBX + slot * DK * (DV + 1) + fk[:, None] * (DV + 1)
-        tl.store(out + dvr[None, :], lb_v)
-        tl.store(LBX + slot * DK * (DV + 1) + fk * (DV + 1) + DV, lb)
-    tl.debug_barrier()  # CDP is read back below by other threads of this program
+    v = _shifted_values(V, b64 * svb + hk.to(tl.int64) * svh, t, tm, svt, vs, DV, PREC)
+    k2, r = _block_keys(K, b64 * skb + hk.to(tl.int64) * skh, ZF, bhk, n, NF, t, tm, skt, kb, DK, BK)
+    # Before the first block the gate is 0, so the shift there is multiplied by 0.
+    S = operand(_state_rows(SF, bhk, n, NF, kb, DK, DV, BK) - vs[None, :], PREC)
+    e, rd, gate, _, _ = fast_factors(k2, r, PREC)
+    lb_v = tl.zeros([BK, DV], dtype=tl.float32)
+    lb = tl.zeros([BK], dtype=tl.float32)
     for g in range(G):
         h = hk * G + g
         qrow0 = b64 * sqb + h.to(tl.int64) * sqh
-        crow0 = (b64 * H + h) * T * DK
-        lse = tl.load(QLSE + (b64 * H + h) * T + t, mask=tm, other=0.0)
-        total = tl.zeros([F], dtype=tl.float32)
-        for kb in range(DK // BK):
-            total += tl.sum(_rows(CDP, crow0, t, tm, kb * BK, DK, BK, 0.0), axis=1)
-        for kb in range(DK // BK):
-            p = tl.exp2(_rows(Q, qrow0, t, tm, kb * BK, sqt, BK, 0.0).to(tl.float32) * LOG2E - lse[:, None])
-            dq = _rows(CDP, crow0, t, tm, kb * BK, DK, BK, 0.0) - p * total[:, None]
-            dqp = DQ + b64 * sdqb + h.to(tl.int64) * sdqh + t[:, None].to(tl.int64) * sdqt + kb * BK \
-                + tl.arange(0, BK)[None, :]
-            tl.store(dqp, dq.to(DQ.dtype.element_ty), mask=tm[:, None])
+        lse = _query_lse(Q, qrow0, t, tm, sqt, DK, BK)
+        p = tl.exp2(_rows(Q, qrow0, t, tm, kb * BK, sqt, BK, 0.0).to(tl.float32) * LOG2E - lse[:, None])
+        do = _rows(DO, b64 * sdob + h.to(tl.int64) * sdoh, t, tm, 0, sdot, DV, 0.0)
+        da = tl.where(causal, mm(do, tl.trans(v), PREC), 0.0)
+        cdp = p * (rd * mm(da, e, PREC) + gate * mm(do, tl.trans(S), PREC))
+        cp = CDP + ((b64 * H + h) * T + t[:, None].to(tl.int64)) * DK + fk[None, :]
+        tl.store(cp, cdp, mask=tm[:, None])
+        lb_v += mm(tl.trans(p * gate), do, PREC)
+        lb += tl.sum(cdp * gate, axis=0)
+    out = LBX + (bhk.to(tl.int64) * NF + (n + NF - 1) % NF) * DK * (DV + 1) + fk * (DV + 1)
+    tl.store(out[:, None] + dvr[None, :], lb_v)
+    tl.store(out + DV, lb)
 
 
 @triton.jit
-def block_bwd_key_kernel(
-    Q, K, V, DO, CDP, QLSE, ZF, BX, DK_, DV_, FLAGS, VSHIFT,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
+def block_dq_kernel(
+    Q, CDP, DQ, FLAGS,
+    sqb, sqh, sqt, sdqb, sdqh, sdqt,
+    T, HK, NF,
+    G: tl.constexpr, F: tl.constexpr, DK: tl.constexpr,
+):
+    """Grid (NF, B · H): dq = c − p (Σ_j c_j) for block n of query head h, once every key
+    block's c is written (the softmax's gradient needs the sum over all features)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1)
+    H = HK * G
+    b, h = bh // H, bh % H
+    if tl.load(FLAGS + (b * HK + h // G).to(tl.int64) * NF + n) != 0:
+        return
+    b64 = b.to(tl.int64)
+    t = n * F + tl.arange(0, F)
+    tm = t < T
+    p = softmax_rows(_rows(Q, b64 * sqb + h.to(tl.int64) * sqh, t, tm, 0, sqt, DK, 0.0))
+    cdp = _rows(CDP, (b64 * H + h) * T * DK, t, tm, 0, DK, DK, 0.0)
+    dq = cdp - p * tl.sum(cdp, axis=1)[:, None]
+    dqp = DQ + b64 * sdqb + h.to(tl.int64) * sdqh + t[:, None].to(tl.int64) * sdqt + tl.arange(0, DK)[None, :]
+    tl.store(dqp, dq.to(DQ.dtype.element_ty), mask=tm[:, None])
+
+
+@triton.jit
+def block_bwd_dk_kernel(
+    Q, K, V, DO, CDP, ZF, BX, DK_, FLAGS, VSHIFT,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt,
     T, HK, NF,
     G: tl.constexpr, F: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Grid (NF, B · HK): dk and dv of block n of kv head hk. BX: the reverse scan's output,
-    block n's later-positions summary at slot n (normalised to z2 after the block); CDP and
-    QLSE from block_bwd_query_kernel (or, for flagged blocks, unused here).
+    """Grid (DK // BK, NF, B · HK): dk of key features kb · BK … of block n of kv head hk. BX:
+    the reverse scan's output, block n's later-positions summary at slot n (normalised to z2
+    after the block); CDP from block_bwd_query_kernel.
 
-    dv_s = k̃_s B + Σ_t A_ts do_t,  dk_s = k̃_s ⊙ (B v_s − b) + e_s ⊙ (Σ_t (p ⊙ rd)_t dA_ts −
-    Σ_{t>=s} (c ⊙ rd)_t), k̃_s = 2^(k2_s − z2 after the block); the dk of a key block needs only
-    that block, dv sums over them."""
-    n = tl.program_id(0)
-    bhk = tl.program_id(1)
+    dk_s = k̃_s ⊙ (B v_s − b) + e_s ⊙ (Σ_t (p ⊙ rd)_t dA_ts − Σ_{t>=s} (c ⊙ rd)_t), with
+    k̃_s = 2^(k2_s − z2 after the block): every factor is of this key block alone."""
+    kb = tl.program_id(0)
+    n = tl.program_id(1)
+    bhk = tl.program_id(2)
     if tl.load(FLAGS + bhk.to(tl.int64) * NF + n) != 0:
         return
     b, hk = bhk // HK, bhk % HK
@@ -210,37 +217,64 @@ def block_bwd_key_kernel(
     H = HK * G
     t = n * F + tl.arange(0, F)
     tm = t < T
+    fk, dvr, ic = kb * BK + tl.arange(0, BK), tl.arange(0, DV), tl.arange(0, F)
+    causal = ic[:, None] >= ic[None, :]
+    vs = tl.load(VSHIFT + bhk.to(tl.int64) * DV + dvr)
+    v = _shifted_values(V, b64 * svb + hk.to(tl.int64) * svh, t, tm, svt, vs, DV, PREC)
+    k2, r = _block_keys(K, b64 * skb + hk.to(tl.int64) * skh, ZF, bhk, n, NF, t, tm, skt, kb, DK, BK)
+    e, rd, gate, _, _ = fast_factors(k2, r, PREC)
+    r_end = tl.load(ZF + (bhk.to(tl.int64) * NF + n) * DK + fk)
+    bx = BX + (bhk.to(tl.int64) * NF + n) * DK * (DV + 1) + fk * (DV + 1)
+    Bs = tl.load(bx[:, None] + dvr[None, :])
+    dk = tl.exp2(k2 - r_end[None, :]) * (mm(v, tl.trans(Bs), PREC) - tl.load(bx + DV)[None, :])
+    for g in range(G):
+        h = hk * G + g
+        qrow0 = b64 * sqb + h.to(tl.int64) * sqh
+        lse = _query_lse(Q, qrow0, t, tm, sqt, DK, BK)
+        pr = rd * tl.exp2(_rows(Q, qrow0, t, tm, kb * BK, sqt, BK, 0.0).to(tl.float32) * LOG2E - lse[:, None])
+        do = _rows(DO, b64 * sdob + h.to(tl.int64) * sdoh, t, tm, 0, sdot, DV, 0.0)
+        cdp = _rows(CDP, (b64 * H + h) * T * DK, t, tm, kb * BK, DK, BK, 0.0)
+        da = tl.where(causal, mm(do, tl.trans(v), PREC), 0.0)  # (t, s)
+        dk += e * (mm(tl.trans(da), pr, PREC) - cumsum_rows(cdp * rd, True, PREC))
+    dkp = DK_ + b64 * sdkb + hk.to(tl.int64) * sdkh + t[:, None].to(tl.int64) * sdkt + fk[None, :]
+    tl.store(dkp, dk.to(DK_.dtype.element_ty), mask=tm[:, None])
+
+
+@triton.jit
+def block_bwd_dv_kernel(
+    Q, K, DO, ZF, BX, DV_, FLAGS,
+    sqb, sqh, sqt, skb, skh, skt, sdob, sdoh, sdot, sdvb, sdvh, sdvt,
+    T, HK, NF,
+    G: tl.constexpr, F: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Grid (NF, B · HK): dv_s = k̃_s B + Σ_t A_ts do_t for block n of kv head hk (BX as in
+    block_bwd_dk_kernel), summed over key blocks: A's part from each key block, times do."""
+    n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    if tl.load(FLAGS + bhk.to(tl.int64) * NF + n) != 0:
+        return
+    b, hk = bhk // HK, bhk % HK
+    b64 = b.to(tl.int64)
+    t = n * F + tl.arange(0, F)
+    tm = t < T
     dvr, ic = tl.arange(0, DV), tl.arange(0, F)
     causal = ic[:, None] >= ic[None, :]
-    krow0 = b64 * skb + hk.to(tl.int64) * skh
-    vs = tl.load(VSHIFT + bhk.to(tl.int64) * DV + dvr)
-    v = tl.where(tm[:, None], _rows(V, b64 * svb + hk.to(tl.int64) * svh, t, tm, 0, svt, DV, 0.0).to(tl.float32)
-                 - vs[None, :], 0.0)
-    bx = BX + (bhk.to(tl.int64) * NF + n) * DK * (DV + 1)
     dv = tl.zeros([F, DV], dtype=tl.float32)
     for kb in range(DK // BK):
         fk = kb * BK + tl.arange(0, BK)
-        k2, r = _block_keys(K, krow0, ZF, bhk, n, NF, t, tm, skt, kb, DK, BK)
+        k2, r = _block_keys(K, b64 * skb + hk.to(tl.int64) * skh, ZF, bhk, n, NF, t, tm, skt, kb, DK, BK)
         e, rd, gate, _, _ = fast_factors(k2, r, PREC)
         r_end = tl.load(ZF + (bhk.to(tl.int64) * NF + n) * DK + fk)
-        kt = tl.exp2(k2 - r_end[None, :])  # <= 1
-        Bs = tl.load(bx + fk[:, None] * (DV + 1) + dvr[None, :])
-        bs = tl.load(bx + fk * (DV + 1) + DV)
-        dk = kt * (mm(v, tl.trans(Bs), PREC) - bs[None, :])
-        dv += mm(kt, Bs, PREC)
+        bx = BX + (bhk.to(tl.int64) * NF + n) * DK * (DV + 1) + fk * (DV + 1)
+        dv += mm(tl.exp2(k2 - r_end[None, :]), tl.load(bx[:, None] + dvr[None, :]), PREC)
         for g in range(G):
             h = hk * G + g
-            lse = tl.load(QLSE + (b64 * H + h) * T + t, mask=tm, other=0.0)
-            p = tl.exp2(_rows(Q, b64 * sqb + h.to(tl.int64) * sqh, t, tm, kb * BK, sqt, BK, 0.0).to(tl.float32)
-                        * LOG2E - lse[:, None])
-            do = _rows(DO, b64 * sdob + h.to(tl.int64) * sdoh, t, tm, 0, sdot, DV, 0.0)
-            cdp = _rows(CDP, (b64 * H + h) * T * DK, t, tm, kb * BK, DK, BK, 0.0)
-            da = tl.where(causal, mm(do, tl.trans(v), PREC), 0.0)  # (t, s)
-            pr = p * rd
+            qrow0 = b64 * sqb + h.to(tl.int64) * sqh
+            lse = _query_lse(Q, qrow0, t, tm, sqt, DK, BK)
+            pr = rd * tl.exp2(_rows(Q, qrow0, t, tm, kb * BK, sqt, BK, 0.0).to(tl.float32) * LOG2E - lse[:, None])
             a = tl.where(causal, mm(pr, tl.trans(e), PREC), 0.0)
-            dk += e * (mm(tl.trans(da), pr, PREC) - cumsum_rows(cdp * rd, True, PREC))
+            do = _rows(DO, b64 * sdob + h.to(tl.int64) * sdoh, t, tm, 0, sdot, DV, 0.0)
             dv += mm(tl.trans(a), do, PREC)
-        dkp = DK_ + b64 * sdkb + hk.to(tl.int64) * sdkh + t[:, None].to(tl.int64) * sdkt + fk[None, :]
-        tl.store(dkp, dk.to(DK_.dtype.element_ty), mask=tm[:, None])
     dvp = DV_ + b64 * sdvb + hk.to(tl.int64) * sdvh + t[:, None].to(tl.int64) * sdvt + dvr[None, :]
     tl.store(dvp, dv.to(DV_.dtype.element_ty), mask=tm[:, None])

@@ -44,6 +44,18 @@ def mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def operand(x, PREC: tl.constexpr):
+    """x as mm rounds it for a product: converted once where a tile feeds several products, so
+    the fp32 copy need not stay live (bf16: half the registers)."""
+    if PREC == "bf16":
+        return x.to(tl.bfloat16)
+    elif PREC == "bf16sim":
+        return _bf16_round(x)
+    else:
+        return x
+
+
+@triton.jit
 def cumsum_rows(x, REVERSE: tl.constexpr, PREC: tl.constexpr):
     """Inclusive cumulative sum of a (c, D) fp32 tile down its rows (up them if REVERSE), as a
     product with a 0/1 triangular matrix. Below fp32 the operand is split into two bf16 parts

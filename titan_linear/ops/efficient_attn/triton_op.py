@@ -13,7 +13,8 @@ import torch
 import triton
 
 from .naive import check_qkv
-from .triton_blocks import block_bwd_key_kernel, block_bwd_query_kernel, block_output_kernel
+from .triton_blocks import (block_bwd_dk_kernel, block_bwd_dv_kernel, block_bwd_query_kernel, block_dq_kernel,
+                            block_output_kernel)
 from .triton_bwd import bwd_key_kernel, bwd_query_kernel
 from .triton_common import reverse_scan_kernel, state_scan_kernel
 from .triton_fwd import chunk_output_kernel, chunk_summary_kernel, state_fill_kernel
@@ -213,11 +214,14 @@ def efficient_attn_bwd(
     variants = (True, False)
     blocks = dict(G=group, F=chunk, DK=d_k, DV=d_v, BK=_key_block(d_k), PREC=prec, num_warps=warps,
                   **_register_cap(cfg))
+    key_blocks = (d_k // _key_block(d_k), nc, bs * n_kv)
     if fill:  # v_split is 1 (triton_tuning._check)
-        q_lse = torch.empty(bs, n_heads, seqlen, **f32)
-        block_bwd_query_kernel[grid](
-            q, k, v, do, dq, cdp, q_lse, s_end, z_end, later, flags, v_shift,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), seqlen, n_kv, nc, **blocks)
+        block_bwd_query_kernel[key_blocks](
+            q, k, v, do, cdp, s_end, z_end, later, flags, v_shift,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), seqlen, n_kv, nc, **blocks)
+        block_dq_kernel[(nc, bs * n_heads)](
+            q, cdp, dq, flags, *_strides(q), *_strides(dq), seqlen, n_kv, nc, G=group, F=chunk, DK=d_k,
+            num_warps=warps)
         variants = (False,)
     _per_chunk(bwd_query_kernel, grid, (
         q, k, v, do, dq_parts, cdp, s_end, z_end, refs, later, lb_parts, flags, v_shift,
@@ -235,10 +239,12 @@ def efficient_attn_bwd(
     dv = _like_bthd(v, d_v, v.dtype)
     dk_parts = torch.empty(v_split, bs, seqlen, n_kv, d_k, **f32).transpose(2, 3) if split else dk[None]
     if fill:
-        block_bwd_key_kernel[grid](
-            q, k, v, do, cdp, q_lse, z_end, later, dk, dv, flags, v_shift,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-            seqlen, n_kv, nc, **blocks)
+        block_bwd_dk_kernel[key_blocks](
+            q, k, v, do, cdp, z_end, later, dk, flags, v_shift,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), seqlen, n_kv, nc, **blocks)
+        block_bwd_dv_kernel[grid](
+            q, k, do, z_end, later, dv, flags,
+            *_strides(q), *_strides(k), *_strides(do), *_strides(dv), seqlen, n_kv, nc, **blocks)
     _per_chunk(bwd_key_kernel, grid, (
         q, k, v, do, cdp, z_end, refs, later, dk_parts, dv, flags, v_shift,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk_parts[0]),
