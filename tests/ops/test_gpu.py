@@ -173,9 +173,9 @@ def test_efficient_attention_triton_memory_is_linear_in_seqlen():
 @pytest.mark.parametrize("tiles,D", [(dict(chunk=128, sub_chunk=32, warps=8), 64),
                                      (dict(chunk=64, sub_chunk=16, warps=4, scan_chunks=2, scan_block=32), 64),
                                      (dict(v_split=2, warps=4), 128), (dict(v_split=4, warps=4), 64),
-                                     (dict(sub_chunk=32, fill=1), 128), (dict(sub_chunk=32, fill=1), 64)],
+                                     (dict(fill=64), 128), (dict(fill=64, warps=4), 64), (dict(fill=32), 128)],
                          ids=["128-32-8", "64-16-4-scan2x32", "d128-v_split2-4warps", "d64-v_split4",
-                              "d128-fill-32", "d64-fill-32"])
+                              "d128-fill-64", "d64-fill-64", "d128-fill-32"])
 def test_efficient_attention_triton_other_tiles_match_table(tiles, D):
     """Candidates a tune sweep passes (triton_tuning.override) compute the same function as the
     table's entry; the backward runs outside the override, with its forward's tiles."""

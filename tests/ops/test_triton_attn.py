@@ -237,17 +237,18 @@ def test_efficient_attention_triton_interpreted_takes_a_register_cap():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/ops/test_gpu.py runs the compiled kernels")
 def test_efficient_attention_triton_interpreted_filled_states_match_quadratic():
-    """override(fill=1): the scan's chunk states filled in after every sub-chunk
-    (state_fill_kernel), the per-chunk kernels run one program per sub-chunk. Grouped heads over
-    a short last chunk; keys x100 from position 300 on (flags per sub-chunk from the fill send
-    those to the exact kernels); head dim 128 (two key and two value blocks of 64 in the fill)
-    with value blocks in the per-chunk kernels too; the exact loop everywhere."""
-    cases = [(1, 4, 2, 300, 16, 1.0), (1, 2, 2, 600, 16, (1.0, 100.0))]
-    for errors in _interpret(cases, fill=1, chunk=128, sub_chunk=32):
-        assert all(e < 1e-4 for e in errors.values()), errors
-    (errors,) = _interpret([(1, 2, 1, 150, 128, 1.0)], fill=1, chunk=64, sub_chunk=32, v_split=2)
-    assert all(e < 1e-4 for e in errors.values()), errors
-    (errors,) = _interpret([(1, 4, 2, 150, 16, 1.0)], fill=1, chunk=64, sub_chunk=16, span=-1)
+    """override(fill=F): the scan's chunk states filled in every F positions (state_fill_kernel);
+    unflagged blocks take triton_blocks.py's kernels, one program per block, walking the key
+    features in blocks of 64; flagged ones the carried-state exact kernels in sub-chunks.
+    Grouped heads over a short last chunk; keys x100 from position 300 on (the fill's flags
+    send those blocks to the exact kernels, the state passing between the two kinds); head dim
+    128 (two key blocks); every block exact (span -1)."""
+    cases = [(1, 4, 2, 150, 16, 1.0), (1, 2, 2, 600, 16, (1.0, 100.0))]
+    for errors in _interpret(cases, fill=32, chunk=128, sub_chunk=16):
+        assert all(e < 1e-5 for e in errors.values()), errors
+    (errors,) = _interpret([(1, 2, 1, 90, 128, 1.0)], fill=32, chunk=64, sub_chunk=16)
+    assert all(e < 1e-5 for e in errors.values()), errors
+    (errors,) = _interpret([(1, 4, 2, 150, 16, 1.0)], fill=32, chunk=64, sub_chunk=16, span=-1)
     assert all(e < 1e-5 for e in errors.values()), errors
 
 
@@ -295,7 +296,8 @@ def test_tuning_override_replaces_fields_nests_and_restores():
         assert launch_config(16, torch.float32).span == 100.0
     assert launch_config(128, torch.float16) is before
     for bad in (dict(chunk=48), dict(chunk=16, sub_chunk=32), dict(warps=3), dict(prec="fp8"), dict(v_split=3),
-                dict(max_registers=100), dict(max_registers=16), dict(max_registers=256), dict(fill=2)):
+                dict(max_registers=100), dict(max_registers=16), dict(max_registers=256), dict(fill=2),
+                dict(fill=8), dict(fill=512, chunk=256), dict(fill=64, v_split=2)):
         with pytest.raises(ValueError):
             with override(**bad):
                 pass

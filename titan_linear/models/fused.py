@@ -12,11 +12,18 @@ another order, so equal to rounding).
 Fuse after any dtype or device change: `Module.to` / `_apply` give the views new storage of their
 own, and the fused tensor, a non-persistent buffer, is moved separately (still equal, twice the
 memory). For inference only: nothing here is for training.
+
+`use_gemv(model)` is the other switch on these products: every block's projections and the
+output head become `GemvLinear`s (ops/gemv.py), which take the Triton matrix-vector kernel for a
+decode step's few rows and F.linear for a prefill's many; a fused product is taken the way its
+modules take theirs. The two switches are independent and either may come first.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from titan_linear.ops.gemv import GemvLinear, linear
 
 QKV, W13 = "fused_qkv", "fused_w13"
 
@@ -47,12 +54,31 @@ def fuse_projections(model: nn.Module, on: bool = True) -> nn.Module:
     return model
 
 
+def use_gemv(model: nn.Module, on: bool = True) -> nn.Module:
+    """Take every block's attention and feed-forward projections and the output head through the
+    Triton matrix-vector kernel when they see at most 16 rows (module docstring); on=False gives
+    them back plain nn.Linear products. Weights, names and hooks stay the modules' own; modules
+    of other nn.Linear subclasses keep their class (and their forward)."""
+    old, new = (nn.Linear, GemvLinear) if on else (GemvLinear, nn.Linear)
+    parts = [m for block in model.layers.values() for m in (block.attention, block.feed_forward)]
+    for module in [m for part in parts for m in part.modules()] + [model.output]:
+        if type(module) is old:
+            module.__class__ = new
+    return model
+
+
+def _product(lin: nn.Module):
+    """The product a fused weight is taken with: that of the module it starts with."""
+    return linear if isinstance(lin, GemvLinear) else F.linear
+
+
 def qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """attn.wq(x), attn.wk(x), attn.wv(x): one product when fused."""
     fused = getattr(attn, QKV, None)
     if fused is None:
         return attn.wq(x), attn.wk(x), attn.wv(x)
-    return F.linear(x, fused).split([attn.wq.weight.shape[0], attn.wk.weight.shape[0], attn.wv.weight.shape[0]], -1)
+    sizes = [attn.wq.weight.shape[0], attn.wk.weight.shape[0], attn.wv.weight.shape[0]]
+    return _product(attn.wq)(x, fused).split(sizes, -1)
 
 
 def feed_forward(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -60,5 +86,5 @@ def feed_forward(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
     fused = getattr(ff, W13, None)
     if fused is None:
         return ff(x)
-    gate, up = F.linear(x, fused).chunk(2, -1)
+    gate, up = _product(ff.w1)(x, fused).chunk(2, -1)
     return ff.w2(F.silu(gate) * up)

@@ -65,15 +65,16 @@ class LaunchConfig(NamedTuple):
                  program (8 of its 64 warps); 128 lets it hold two, at the cost of spills
                  (benchmarks/results/kernels_sm90_d128.json). 0 in every entry: a cap was never
                  timed. 0, or a multiple of 8 from 24 to 255.
-    fill         1: the chunk stays the unit of the summaries and the scan, but the per-chunk
-                 kernels run one program per sub-chunk, from the state and z after every
-                 sub-chunk, which `state_fill_kernel` (triton_fwd.py) fills in from the chunk
-                 states in key and value blocks of 64 features. No program then carries a
-                 (d_k, d_v) state through a loop, at the cost of one fp32 state per sub-chunk in
-                 memory (saved for the backward). 0: the per-chunk kernels walk the chunk's
-                 sub-chunks, carrying the state. 0 in every entry: on an H200 fill was slower
-                 (head dim 128: 13.3-16.0 ms against 9.4; head dim 64: 3.2-3.8 against 2.6),
-                 since the per-sub-chunk kernels still hold full-width per-feature tiles.
+    fill         F > 0: the chunk stays the unit of the summaries and the scan, but
+                 `state_fill_kernel` (triton_fwd.py) then stores the state and z after every F
+                 positions, and the blocks the factorised form takes run triton_blocks.py's
+                 kernels: one program per block of F positions, nothing carried from block to
+                 block, the key features taken 64 at a time, so no program holds a (d_k, d_v)
+                 state or a full-width (F, d_k) fp32 tile. Flagged blocks run the carried-state
+                 exact kernels over the block in sub-chunks. Costs one fp32 state per F positions in
+                 memory (saved for the backward). A power of two from sub_chunk to chunk;
+                 v_split must be 1. 0: the per-chunk kernels walk the chunk's sub-chunks,
+                 carrying the state. 0 in every entry (see the table's notes for what was timed).
     """
 
     chunk: int = 256
