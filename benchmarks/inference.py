@@ -21,7 +21,9 @@ model is the train spec's flavor with `linear_attn_ratio` set (uniform placement
 Rows (one JSON object each, printed and written as a list to --out, or added to its list with
 --append; the file is rewritten after every row): config, ratio, layer_map, batch, context,
 compile, fused_projections (`--fused-projections`: q, k, v and w1, w3 each one product,
-titan_linear/models/fused.py), kv_splits (`--kv-splits`: blocks of the softmax layers' product with V over the KV
+titan_linear/models/fused.py), gemv (`--gemv`: the step's products of at most 16 rows through the
+Triton matrix-vector kernel of titan_linear/ops/gemv.py, `use_gemv` in models/fused.py),
+kv_splits (`--kv-splits`: blocks of the softmax layers' product with V over the KV
 positions, graph_decode._cached_attention; 1 is the plain product), prefill_ms, decode_ms_per_token
 (mean time per step: one token for each of the batch's sequences), tokens_per_s (batch /
 seconds per step), kv_positions (KV positions each softmax layer reads at the last step: the
@@ -62,7 +64,7 @@ from torchtitan.protocols.train_spec import get_train_spec  # noqa: E402
 from titan_linear.inference import decode_step, prefill, prepare_model  # noqa: E402
 from titan_linear.inference.build import materialize  # noqa: E402
 from titan_linear.inference.graph_decode import decoder  # noqa: E402
-from titan_linear.models.fused import fuse_projections  # noqa: E402
+from titan_linear.models.fused import fuse_projections, use_gemv  # noqa: E402
 from titan_linear.ops.efficient_attn import impl_name  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -215,6 +217,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--fused-projections", nargs="+", default=["off"], choices=["off", "on"],
                     help="decode with each block's q, k, v (and w1, w3) weights as one product "
                          "(titan_linear/models/fused.py); several give one row each; default off")
+    ap.add_argument("--gemv", nargs="+", default=["off"], choices=["off", "on"],
+                    help="decode with the projections and the output head through the Triton matrix-vector "
+                         "kernel (titan_linear/ops/gemv.py) instead of cuBLAS; several give one row each; default off")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="profile this many more decode steps per row (module docstring); 0: none")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -243,13 +248,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model = prepare_model(materialize(spec.model_cls, args, device, a.seed), dtype)
         for context in a.contexts:
             for batch in a.batches:
-                for fused, setting, splits in itertools.product(a.fused_projections, settings, a.kv_splits):
+                for fused, gemv, setting, splits in itertools.product(a.fused_projections, a.gemv, settings,
+                                                                      a.kv_splits):
                     fuse_projections(model, on=fused == "on")
+                    use_gemv(model, on=gemv == "on")
                     row = {"config": f"{a.name} {a.flavor}", "ratio": ratio, "layer_map": args.layer_map,
                            "batch": batch, "device": device_name, "dtype": str(dtype).removeprefix("torch."),
                            "linear_attn_impl": impl_name(device, dtype, args.dim // args.n_heads),
                            "decode": "cuda graph" if graph else "eager", "compile": setting, "kv_splits": splits,
-                           "fused_projections": fused == "on"}
+                           "fused_projections": fused == "on", "gemv": gemv == "on"}
                     try:
                         row.update(measure(model, context, a.decode_tokens, batch, device, a.seed, graph,
                                            COMPILE[setting], splits, a.profile_steps))

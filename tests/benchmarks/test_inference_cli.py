@@ -49,6 +49,17 @@ def test_fused_projection_rows_decode_the_same_tokens(tmp_path):
     assert [r["fused_projections"] for r in rows] == [False, True]
 
 
+def test_gemv_rows_record_the_setting(tmp_path):
+    # One row per setting, in order; on the CPU both take F.linear (tests/inference/test_gemv.py
+    # checks the kernel's logits).
+    from benchmarks.inference import main
+
+    rows = main(["--device", "cpu", "--flavor", "debugmodel", "--ratios", "0.5", "--contexts", "16",
+                 "--decode-tokens", "3", "--gemv", "on", "off", "--out", str(tmp_path / "r.json")])
+    assert [r["gemv"] for r in rows] == [True, False]
+    assert all(r["decode_ms_per_token"] > 0 for r in rows)
+
+
 def test_profile_splits_each_step_into_what_ran(tmp_path):
     # On the CPU the events are the step's top-level operators. Per-step counts must hardly depend
     # on how many steps were profiled, the products must be among them, and the busy time cannot
