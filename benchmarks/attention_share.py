@@ -26,7 +26,7 @@ import sys
 
 # The Triton kernels of titan_linear/ops/efficient_attn (forward, backward, scans, decode).
 LINEAR_KERNELS = ("chunk_summary_kernel", "chunk_output_kernel", "state_scan_kernel", "reverse_scan_kernel",
-                  "bwd_query_kernel", "bwd_key_kernel", "state_fill_kernel", "block_output_kernel",
+                  "bwd_query_kernel", "bwd_key_kernel", "state_fill_kernel", "block_output_kernel", "block_bwd_query_kernel",
                   "block_dq_kernel", "block_bwd_dk_kernel", "block_bwd_dv_kernel")
 SOFTMAX_MARKERS = ("flash", "fmha", "attention", "attn")
 
