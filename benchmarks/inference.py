@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not graph and a.kv_splits != [1]:
         ap.error(f"--kv-splits {' '.join(map(str, a.kv_splits))}: splits apply to the CUDA-graph step only "
                  f"(a CUDA device without --eager-decode)")
+    last = None
     for ratio in a.ratios:
         args = copy.deepcopy(spec.model_args[a.flavor])
         args.linear_attn_ratio = ratio
@@ -252,6 +253,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                                       a.kv_splits):
                     fuse_projections(model, on=fused == "on")
                     use_gemv(model, on=gemv == "on")
+                    if last is not None and (fused, gemv) != last:
+                        # Dynamo's guards do not see a module's class change (use_gemv swaps the
+                        # Linear classes): measured, a --gemv on row after an off row replayed the
+                        # off row's compiled step. Compile afresh for every setting.
+                        torch._dynamo.reset()
+                    last = (fused, gemv)
                     row = {"config": f"{a.name} {a.flavor}", "ratio": ratio, "layer_map": args.layer_map,
                            "batch": batch, "device": device_name, "dtype": str(dtype).removeprefix("torch."),
                            "linear_attn_impl": impl_name(device, dtype, args.dim // args.n_heads),
