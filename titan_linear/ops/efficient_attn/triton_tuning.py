@@ -147,6 +147,10 @@ _PREC = {torch.bfloat16: "bf16", torch.float16: "tf32", torch.float32: "ieee"}
 # - H200, 2026-12-05 (tune_h200_fill.json, T = 8K): fill = 1 lost at both head dims: 128, sub-chunk
 #   64 / 32 at 8 warps 14.06 / 13.32 ms (4 warps 16.01 / 13.88, v_split 2 23.08) against 9.44;
 #   64, sub-chunk 64 / 32 3.15 / 3.83 against 2.63.
+# - 2026-12-05, later (tune_h100_blocks*.json, tune_h200_blocks*.json, T = 8K): fill = F rebuilt with
+#   the key-blocked kernels (triton_blocks.py). Head dim 128: best fill 64 at 4 warps, 9.92 ms against
+#   the table's 9.46 on the H200 (10.31 against 9.28 on the H100); fill 128 / 32 and 8 or 2 warps
+#   slower. Head dim 64: 3.59 (H100) and 4.34 (H200, 2 warps) against 2.60 / 2.64. So fill stays 0.
 # Not measured, so the defaults the kernels had before this table (chunk 256, sub-chunk 16,
 # 4 warps up to head dim 64, 8 at 128): every fp16 and fp32 entry and head dims 16 and 32. The
 # scans' 8 chunks x 64 elements were never swept. A larger chunk also sends more positions to
