@@ -48,6 +48,12 @@ def _query_lse(Q, row0, t, tm, sqt, DK: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def _query_block(Q, qrow0, t, tm, sqt, kb, lse, BK: tl.constexpr):
+    """The query softmax p at key features kb · BK … of each row, from the row's log2-sum-exp2."""
+    return tl.exp2(_rows(Q, qrow0, t, tm, kb * BK, sqt, BK, 0.0).to(tl.float32) * LOG2E - lse[:, None])
+
+
+@triton.jit
 def _block_keys(K, krow0, ZF, bhk, n, NF, t, tm, skt, kb, DK: tl.constexpr, BK: tl.constexpr):
     """Keys (log2 units, -inf past T) of key features kb · BK … of block n, and their z2 (BK)
     just before the block (-inf before the first)."""
@@ -106,7 +112,7 @@ def block_output_kernel(
         k2, r = _block_keys(K, krow0, ZF, bhk, n, NF, t, tm, skt, kb, DK, BK)
         S = operand(_state_rows(SF, bhk, n, NF, kb, DK, DV, BK), PREC)
         e, rd, gate, _, _ = fast_factors(k2, r, PREC)
-        p = tl.exp2(_rows(Q, qrow0, t, tm, kb * BK, sqt, BK, 0.0).to(tl.float32) * LOG2E - lse[:, None])
+        p = _query_block(Q, qrow0, t, tm, sqt, kb, lse, BK)
         a += mm(p * rd, tl.trans(e), PREC)
         o += mm(p * gate, S, PREC)
     ic = tl.arange(0, F)
@@ -115,6 +121,23 @@ def block_output_kernel(
     o += mm(a, v, PREC)
     op = O + b64 * sob + h.to(tl.int64) * soh + t[:, None].to(tl.int64) * sot + tl.arange(0, DV)[None, :]
     tl.store(op, o.to(O.dtype.element_ty), mask=tm[:, None])
+
+
+@triton.jit
+def _key_block_setup(K, V, ZF, VSHIFT, skb, skh, skt, svb, svh, svt, T, HK, NF, kb, n, bhk,
+                     G: tl.constexpr, F: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
+                     PREC: tl.constexpr):
+    """What a (key block kb, block n, kv head) program of the backward starts from: indices, the
+    causal mask, the value shift and shifted values, the key block's keys and z2 before it."""
+    hk = bhk % HK
+    b64 = (bhk // HK).to(tl.int64)
+    t = n * F + tl.arange(0, F)
+    tm = t < T
+    fk, dvr, ic = kb * BK + tl.arange(0, BK), tl.arange(0, DV), tl.arange(0, F)
+    vs = tl.load(VSHIFT + bhk.to(tl.int64) * DV + dvr)
+    v = _shifted_values(V, b64 * svb + hk.to(tl.int64) * svh, t, tm, svt, vs, DV, PREC)
+    k2, r = _block_keys(K, b64 * skb + hk.to(tl.int64) * skh, ZF, bhk, n, NF, t, tm, skt, kb, DK, BK)
+    return b64, hk, HK * G, t, tm, fk, dvr, ic[:, None] >= ic[None, :], vs, v, k2, r
 
 
 @triton.jit
@@ -136,16 +159,8 @@ def block_bwd_query_kernel(
     bhk = tl.program_id(2)
     if tl.load(FLAGS + bhk.to(tl.int64) * NF + n) != 0:
         return
-    b, hk = bhk // HK, bhk % HK
-    b64 = b.to(tl.int64)
-    H = HK * G
-    t = n * F + tl.arange(0, F)
-    tm = t < T
-    fk, dvr, ic = kb * BK + tl.arange(0, BK), tl.arange(0, DV), tl.arange(0, F)
-    causal = ic[:, None] >= ic[None, :]
-    vs = tl.load(VSHIFT + bhk.to(tl.int64) * DV + dvr)
-    v = _shifted_values(V, b64 * svb + hk.to(tl.int64) * svh, t, tm, svt, vs, DV, PREC)
-    k2, r = _block_keys(K, b64 * skb + hk.to(tl.int64) * skh, ZF, bhk, n, NF, t, tm, skt, kb, DK, BK)
+    b64, hk, H, t, tm, fk, dvr, causal, vs, v, k2, r = _key_block_setup(
+        K, V, ZF, VSHIFT, skb, skh, skt, svb, svh, svt, T, HK, NF, kb, n, bhk, G, F, DK, DV, BK, PREC)
     # Before the first block the gate is 0, so the shift there is multiplied by 0.
     S = operand(_state_rows(SF, bhk, n, NF, kb, DK, DV, BK) - vs[None, :], PREC)
     e, rd, gate, _, _ = fast_factors(k2, r, PREC)
@@ -154,8 +169,7 @@ def block_bwd_query_kernel(
     for g in range(G):
         h = hk * G + g
         qrow0 = b64 * sqb + h.to(tl.int64) * sqh
-        lse = _query_lse(Q, qrow0, t, tm, sqt, DK, BK)
-        p = tl.exp2(_rows(Q, qrow0, t, tm, kb * BK, sqt, BK, 0.0).to(tl.float32) * LOG2E - lse[:, None])
+        p = _query_block(Q, qrow0, t, tm, sqt, kb, _query_lse(Q, qrow0, t, tm, sqt, DK, BK), BK)
         do = _rows(DO, b64 * sdob + h.to(tl.int64) * sdoh, t, tm, 0, sdot, DV, 0.0)
         da = tl.where(causal, mm(do, tl.trans(v), PREC), 0.0)
         cdp = p * (rd * mm(da, e, PREC) + gate * mm(do, tl.trans(S), PREC))
@@ -212,16 +226,8 @@ def block_bwd_dk_kernel(
     bhk = tl.program_id(2)
     if tl.load(FLAGS + bhk.to(tl.int64) * NF + n) != 0:
         return
-    b, hk = bhk // HK, bhk % HK
-    b64 = b.to(tl.int64)
-    H = HK * G
-    t = n * F + tl.arange(0, F)
-    tm = t < T
-    fk, dvr, ic = kb * BK + tl.arange(0, BK), tl.arange(0, DV), tl.arange(0, F)
-    causal = ic[:, None] >= ic[None, :]
-    vs = tl.load(VSHIFT + bhk.to(tl.int64) * DV + dvr)
-    v = _shifted_values(V, b64 * svb + hk.to(tl.int64) * svh, t, tm, svt, vs, DV, PREC)
-    k2, r = _block_keys(K, b64 * skb + hk.to(tl.int64) * skh, ZF, bhk, n, NF, t, tm, skt, kb, DK, BK)
+    b64, hk, H, t, tm, fk, dvr, causal, vs, v, k2, r = _key_block_setup(
+        K, V, ZF, VSHIFT, skb, skh, skt, svb, svh, svt, T, HK, NF, kb, n, bhk, G, F, DK, DV, BK, PREC)
     e, rd, gate, _, _ = fast_factors(k2, r, PREC)
     r_end = tl.load(ZF + (bhk.to(tl.int64) * NF + n) * DK + fk)
     bx = BX + (bhk.to(tl.int64) * NF + n) * DK * (DV + 1) + fk * (DV + 1)
@@ -230,8 +236,7 @@ def block_bwd_dk_kernel(
     for g in range(G):
         h = hk * G + g
         qrow0 = b64 * sqb + h.to(tl.int64) * sqh
-        lse = _query_lse(Q, qrow0, t, tm, sqt, DK, BK)
-        pr = rd * tl.exp2(_rows(Q, qrow0, t, tm, kb * BK, sqt, BK, 0.0).to(tl.float32) * LOG2E - lse[:, None])
+        pr = rd * _query_block(Q, qrow0, t, tm, sqt, kb, _query_lse(Q, qrow0, t, tm, sqt, DK, BK), BK)
         do = _rows(DO, b64 * sdob + h.to(tl.int64) * sdoh, t, tm, 0, sdot, DV, 0.0)
         cdp = _rows(CDP, (b64 * H + h) * T * DK, t, tm, kb * BK, DK, BK, 0.0)
         da = tl.where(causal, mm(do, tl.trans(v), PREC), 0.0)  # (t, s)
@@ -271,8 +276,7 @@ def block_bwd_dv_kernel(
         for g in range(G):
             h = hk * G + g
             qrow0 = b64 * sqb + h.to(tl.int64) * sqh
-            lse = _query_lse(Q, qrow0, t, tm, sqt, DK, BK)
-            pr = rd * tl.exp2(_rows(Q, qrow0, t, tm, kb * BK, sqt, BK, 0.0).to(tl.float32) * LOG2E - lse[:, None])
+            pr = rd * _query_block(Q, qrow0, t, tm, sqt, kb, _query_lse(Q, qrow0, t, tm, sqt, DK, BK), BK)
             a = tl.where(causal, mm(pr, tl.trans(e), PREC), 0.0)
             do = _rows(DO, b64 * sdob + h.to(tl.int64) * sdoh, t, tm, 0, sdot, DV, 0.0)
             dv += mm(tl.trans(a), do, PREC)

@@ -73,7 +73,7 @@ def _fill_states(k, v, s_end, z_end, cfg: LaunchConfig) -> tuple[torch.Tensor, t
     d_v = v.shape[-1]
     bh, nc = s_end.shape[:2]
     nf = nc * (cfg.chunk // cfg.fill)  # the last chunk's blocks past T included
-    bk, bv = min(d_k, 64), min(d_v, 64)
+    bk, bv = _key_block(d_k), min(d_v, 64)
     f32 = dict(dtype=torch.float32, device=k.device)
     sf = torch.empty(bh, nf, d_k, d_v, **f32)
     zf = torch.empty(bh, nf, d_k, **f32)
