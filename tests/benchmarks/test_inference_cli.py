@@ -16,8 +16,8 @@ def test_sizes_below_one_are_refused(tmp_path, capsys, flag):
     assert flag in err and "'0' is not allowed: an integer >= 1" in err
 
 
-@pytest.mark.parametrize("values", [["0"], ["4"]], ids=["below_one", "without_a_graph"])
-def test_kv_splits_refused_below_one_or_without_the_graph_step(tmp_path, capsys, values):
+@pytest.mark.parametrize("values", [["-1"], ["4"]], ids=["negative", "without_a_graph"])
+def test_kv_splits_refused_negative_or_without_the_graph_step(tmp_path, capsys, values):
     # Splits change the CUDA-graph step only: asking for them on the CPU (eager steps) is an error,
     # not a row that silently measured the plain product.
     from benchmarks.inference import main
@@ -36,7 +36,7 @@ def test_cpu_rows_carry_kv_splits_and_are_written(tmp_path):
     out = tmp_path / "rows.json"
     rows = main(["--device", "cpu", "--flavor", "debugmodel", "--ratios", "0.5", "--contexts", "16",
                  "--decode-tokens", "2", "--out", str(out)])
-    assert [(r["kv_splits"], r["decode"], r["context"]) for r in rows] == [(1, "eager", 16)]
+    assert [(r["kv_splits"], r["decode"], r["context"]) for r in rows] == [(0, "eager", 16)]
     assert out.exists()
 
 

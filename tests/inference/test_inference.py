@@ -234,8 +234,9 @@ def test_benchmark_cpu_smoke(tmp_path):
         assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0 and r["device"] == "cpu"
         assert r["decode"] == "eager" and r["compile"] == "off" and r["capture_s"] is None
         assert r["tokens_per_s"] == pytest.approx(1000 * r["batch"] / r["decode_ms_per_token"], abs=0.1)
-        # eagerly, a step reads the filled positions: context + 2 at the last of 2 steps
-        assert r["kv_positions"] == (0 if r["ratio"] == 1.0 else r["context"] + 2)
+        # eagerly, a step reads the filled positions: context + 3 at the last of 2 timed steps,
+        # after the untimed warm-up step
+        assert r["kv_positions"] == (0 if r["ratio"] == 1.0 else r["context"] + 3)
     cache = {(r["ratio"], r["context"], r["batch"]): r["cache_gib"] for r in rows}
     assert cache[(1.0, 16, 1)] == cache[(1.0, 32, 1)]  # recurrent states: independent of the context
     assert cache[(0.0, 32, 1)] > cache[(0.0, 16, 1)]  # KV caches: grow with it

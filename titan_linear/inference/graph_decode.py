@@ -16,10 +16,11 @@ ways, with the same maths:
 - the position is a device tensor: the RoPE row is picked by index_select (and applied in
   real arithmetic when compiled, `_rotate`), and the new k, v are written into the KV cache
   by index_copy_;
-- softmax layers attend over their whole KV storage with a mask of the positions filled so
-  far (positions past the token get weight 0), so every step has the same shapes. The storage
-  is the current bucket of the growing cache (cache.py), so a step reads at most about twice
-  the text, not max_len. When the text passes the bucket, the storage moves: `GraphDecoder`
+- softmax layers attend over their whole KV storage, so every step has the same shapes: on a
+  GPU a kernel (ops/decode_attention.py) that reads the positions up to the token's, which it
+  takes from the device, and no further; on the CPU two products with the positions past the
+  token masked. The storage is the current bucket of the growing cache (cache.py), so the CPU
+  path reads at most about twice the text, not max_len. When the text passes the bucket, the storage moves: `GraphDecoder`
   captures a new graph then, lazily, one per bucket. The compiled step takes the storage
   length as its one dynamic size (`compiled_step`), so one compile serves every bucket;
 - linear layers write their new recurrent state (and short-convolution inputs) into the state
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 from torchtitan.models.llama3.model.model import apply_rotary_emb
 
+from titan_linear.ops import decode_attention
 from titan_linear.ops.efficient_attn import efficient_attention_step, RecurrentState
 
 from .cache import Caches, is_linear, KVCache
@@ -65,8 +67,7 @@ def _rotate(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).type_as(x)
 
 
-def _softmax_attention(attn: nn.Module, x, cache: KVCache, pos: torch.Tensor, filled: torch.Tensor, freqs_cis,
-                       kv_splits: int = 1):
+def _softmax_attention(attn: nn.Module, x, cache: KVCache, pos: torch.Tensor, freqs_cis, kv_splits: int = 0):
     xq, xk, xv = split_heads(attn, x)
     if torch.compiler.is_compiling():
         cos_sin = torch.view_as_real(freqs_cis).index_select(0, pos)
@@ -81,30 +82,30 @@ def _softmax_attention(attn: nn.Module, x, cache: KVCache, pos: torch.Tensor, fi
     bs, n_heads = xq.shape[0], xq.shape[2]
     n_kv = cache.k.shape[1]
     q = xq.reshape(bs, n_kv, n_heads // n_kv, attn.head_dim)
-    return _cached_attention(q, cache.k, cache.v, filled, kv_splits).reshape(bs, n_heads, 1, attn.head_dim)
+    return _cached_attention(q, cache.k, cache.v, pos, kv_splits).reshape(bs, n_heads, 1, attn.head_dim)
 
 
-def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, filled: torch.Tensor,
-                      kv_splits: int = 1) -> torch.Tensor:
-    """softmax(q kᵀ / √d over the filled positions) v, as two batched products.
+def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                      kv_splits: int = 0) -> torch.Tensor:
+    """softmax(q kᵀ / √d over the filled positions 0..pos) v.
 
-    Measured on an H100 (the 1B model at ratio 0, 32K cached positions):
-    SDPA with this mask took 30 ms a token, these two products 3.5 ms (SDPA's masked kernels
-    do not split a long cache across the GPU as its decoding path without a mask does). The
-    scores stay in fp32, as in FlashAttention; the probabilities meet v in v's dtype, as there.
-
-    kv_splits > 1 (when it divides the capacity into blocks of 2 or more) cuts the second product over the positions into
-    that many blocks, one batch entry each, and sums their fp32 results: at batch 1 the plain
-    product has only bs · n_kv (rows × d) outputs to spread over the GPU while it reads the whole
-    V cache (on an H200 the ratio-0.5 step grew by 0.7 ms from 1K to 32K for 0.54 GB of cache,
-    0.11 ms at full bandwidth). The probabilities are normalised over all positions first, so the
-    blocks' sum is the same attention. Not yet timed on a GPU: default 1.
+    On a GPU, ops/decode_attention.py's kernel: K and V read once, split over positions into
+    `kv_splits` blocks (0: enough for about two programs per SM), nothing past pos read. On
+    the CPU (and as the kernel's reference in tests), two batched products over the whole
+    storage with the positions past pos masked. Measured on an H100 (the 1B model at ratio 0, 32K
+    cached positions): SDPA with this mask took 30 ms a token, these two products 3.5 ms (SDPA's
+    masked kernels do not split a long cache across the GPU as its decoding path without a mask
+    does). The scores stay in fp32, as in FlashAttention; the probabilities meet v in v's dtype,
+    as there.
 
     Args:
-        q: (bs, n_kv, rows, d); k, v: (bs, n_kv, capacity, d); filled: (capacity,) bool;
-        kv_splits: blocks of the second product.
+        q: (bs, n_kv, rows, d); k, v: (bs, n_kv, capacity, d); pos: (1,) the last filled position;
+        kv_splits: blocks of positions of the kernel (the products take all at once).
     """
+    if decode_attention.supports(q, k):
+        return decode_attention.decode_attention(q, k, v, pos, kv_splits)
     bs, n_kv, rows, d = q.shape
+    filled = torch.arange(k.shape[2], device=pos.device) <= pos
     q = q.reshape(bs * n_kv, rows, d)
     kt = k.reshape(bs * n_kv, -1, d).transpose(1, 2)
     if q.dtype in (torch.bfloat16, torch.float16) and q.is_cuda:
@@ -113,19 +114,7 @@ def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, filled:
         scores = torch.bmm(q, kt).to(torch.promote_types(q.dtype, torch.float32))
     scores = (scores * d**-0.5).masked_fill(~filled, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    capacity = k.shape[2]
-    # Guards on the dynamic length when compiled; blocks of one position would specialise it.
-    if kv_splits > 1 and capacity >= 2 * kv_splits and capacity % kv_splits == 0:
-        block = capacity // kv_splits
-        probs = probs.unflatten(-1, (kv_splits, block)).transpose(1, 2).reshape(-1, rows, block)
-        vb = v.reshape(bs * n_kv * kv_splits, block, d)
-        if v.dtype in (torch.bfloat16, torch.float16) and v.is_cuda:
-            parts = torch.bmm(probs, vb, out_dtype=torch.float32)
-        else:
-            parts = torch.bmm(probs, vb).to(torch.promote_types(v.dtype, torch.float32))
-        out = parts.reshape(bs * n_kv, kv_splits, rows, d).sum(1).to(v.dtype)
-    else:
-        out = torch.bmm(probs, v.reshape(bs * n_kv, -1, d))
+    out = torch.bmm(probs, v.reshape(bs * n_kv, -1, d))
     return out.reshape(bs, n_kv, rows, d)
 
 
@@ -141,22 +130,19 @@ def _linear_attention(attn: nn.Module, x, state: RecurrentState, conv_state, pos
 
 
 def _fixed_shape_step(model: nn.Module, token: torch.Tensor, caches: Caches, pos: torch.Tensor,
-                      kv_splits: int = 1) -> torch.Tensor:
+                      kv_splits: int = 0) -> torch.Tensor:
     # Undecorated (the caller sets no_grad), so that torch.compile traces this function itself.
-    kv = caches.kv_caches()
-    filled = torch.arange(kv[0].capacity, device=pos.device) <= pos if kv else None
-
     def attend(name, block, x):
         if is_linear(block):
             return _linear_attention(block.attention, x, caches.layers[name], caches.conv.get(name), pos)
-        return _softmax_attention(block.attention, x, caches.layers[name], pos, filled, model.freqs_cis, kv_splits)
+        return _softmax_attention(block.attention, x, caches.layers[name], pos, model.freqs_cis, kv_splits)
 
     return through_blocks(model, token, attend)
 
 
 @torch.no_grad()
 def static_decode_step(model: nn.Module, token: torch.Tensor, caches: Caches, pos: torch.Tensor,
-                       kv_splits: int = 1) -> torch.Tensor:
+                       kv_splits: int = 0) -> torch.Tensor:
     """decode_step with fixed shapes and addresses (module docstring).
 
     Args:
@@ -165,8 +151,8 @@ def static_decode_step(model: nn.Module, token: torch.Tensor, caches: Caches, po
             (`caches.reserve(pos + 1)`).
         token: (bs,) or (bs, 1) token ids.
         pos: (1,) int64 on the model's device, the position of `token` (= caches.length).
-        kv_splits: blocks of the softmax layers' second product over the positions
-            (`_cached_attention`); default 1.
+        kv_splits: blocks of positions of the softmax layers' attention kernel on a GPU
+            (`_cached_attention`); default 0, automatic.
 
     Returns:
         (bs, vocab) logits. Updates the caches in place but not caches.length (the caller's).
@@ -194,7 +180,7 @@ def compiled_step(options: dict | None = None, backend="inductor"):
     """
     fn = _compile(backend, tuple(sorted((options or {}).items())))
 
-    def step(model: nn.Module, token: torch.Tensor, caches: Caches, pos: torch.Tensor, kv_splits: int = 1) -> torch.Tensor:
+    def step(model: nn.Module, token: torch.Tensor, caches: Caches, pos: torch.Tensor, kv_splits: int = 0) -> torch.Tensor:
         for c in caches.kv_caches():  # new tensors after every move of the storage
             torch._dynamo.mark_dynamic(c.k, 2)
             torch._dynamo.mark_dynamic(c.v, 2)
@@ -218,17 +204,18 @@ class GraphDecoder:
             captures the kernels of the eager step (no compile time, several times as many
             kernels per token).
         compile_options: inductor options for the compile; default None.
-        kv_splits: blocks of the softmax layers' second product over the KV positions
-            (`_cached_attention`; used for a bucket it divides); default 1, a plain product.
+        kv_splits: blocks of positions of the softmax layers' attention kernel
+            (`_cached_attention`, ops/decode_attention.py); default 0, enough blocks for about
+            two programs per SM.
 
     Attributes:
         capture_ms: wall time spent so far compiling, warming up and capturing graphs.
     """
 
     def __init__(self, model: nn.Module, caches: Caches, compile: bool = True, compile_options: dict | None = None,
-                 kv_splits: int = 1):
-        if not isinstance(kv_splits, int) or isinstance(kv_splits, bool) or kv_splits < 1:
-            raise ValueError(f"kv_splits = {kv_splits!r} is not allowed: an integer >= 1")
+                 kv_splits: int = 0):
+        if not isinstance(kv_splits, int) or isinstance(kv_splits, bool) or kv_splits < 0:
+            raise ValueError(f"kv_splits = {kv_splits!r} is not allowed: an integer >= 0 (0: automatic)")
         missing = [n for n, c in caches.layers.items() if c is None]
         if missing:
             raise ValueError(f"GraphDecoder needs prefilled caches: layers {missing} have no state yet")
@@ -299,7 +286,7 @@ class GraphDecoder:
 
 
 def decoder(model: nn.Module, caches: Caches, cuda_graph: bool, compile: bool = True,
-            compile_options: dict | None = None, kv_splits: int = 1):
+            compile_options: dict | None = None, kv_splits: int = 0):
     """The per-token step for these caches: a GraphDecoder (compiled unless compile=False, with
     these inductor options and KV splits), or decode_step run eagerly."""
     if cuda_graph:

@@ -203,7 +203,7 @@ def _counters(device: torch.device) -> torch.Tensor:
 
 # Called at trace time under torch.compile, its result a constant of the graph.
 @torch.compiler.assume_constant_result
-def _sms(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return SMS_WITHOUT_GPU
@@ -253,7 +253,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     flat = x.reshape(-1, k)
     if flat.stride(1) != 1:
         flat = flat.contiguous()
-    cfg = launch_config(flat.shape[0], n, k, _sms(x.device))
+    cfg = launch_config(flat.shape[0], n, k, sm_count(x.device))
     return gemv(flat, weight, *cfg).view(*x.shape[:-1], n)
 
 

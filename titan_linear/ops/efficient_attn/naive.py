@@ -99,7 +99,14 @@ def _step(p_t, k_t, v_t, S, z):
     """
     z_new = torch.logaddexp(z, k_t)
     S = torch.exp(z - z_new)[..., None] * S + torch.exp(k_t - z_new)[..., None] * v_t[..., None, :]
-    o_t = torch.einsum("bhgd,bhde->bhge", p_t, S)
+    if torch.compiler.is_compiling():
+        # The same readout as a broadcast product and a sum, so that inductor generates it as
+        # a reduction of its own: the einsum becomes a batched fp32 product of a few query rows,
+        # which it hands to cuBLAS, one extra kernel per layer (16 of a 1B decode step's 215,
+        # 0.06 ms a token on an H200). Eagerly the einsum is one kernel, the sum two.
+        o_t = (p_t[..., None] * S[:, :, None]).sum(-2)
+    else:
+        o_t = torch.einsum("bhgd,bhde->bhge", p_t, S)
     return o_t, S, z_new
 
 
