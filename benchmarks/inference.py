@@ -24,7 +24,9 @@ compile, fused_projections (`--fused-projections`: q, k, v and w1, w3 each one p
 titan_linear/models/fused.py), gemv (`--gemv`: the step's products of at most 16 rows through the
 Triton matrix-vector kernel of titan_linear/ops/gemv.py, `use_gemv` in models/fused.py),
 kv_splits (`--kv-splits`: blocks of positions of the softmax layers' attention kernel in the
-graph's step, titan_linear/ops/decode_attention.py; 0, the default, lets it choose), prefill_ms,
+graph's step, titan_linear/ops/decode_attention.py; 0, the default, lets it choose),
+softmax_attention (what that attention ran as: "kernel", "products" (the masked two products,
+the CPU path), "sdpa" (eager steps), null without softmax layers), prefill_ms,
 decode_ms_per_token (mean time per step: one token for each of the batch's sequences; the first
 replay of a newly captured graph, which also uploads it, is an untimed warm-up step), tokens_per_s (batch /
 seconds per step), kv_positions (KV positions each softmax layer reads at the last step: the
@@ -65,6 +67,7 @@ from torchtitan.protocols.train_spec import get_train_spec  # noqa: E402
 from titan_linear.inference import decode_step, prefill, prepare_model  # noqa: E402
 from titan_linear.inference.build import materialize  # noqa: E402
 from titan_linear.inference.graph_decode import decoder  # noqa: E402
+from titan_linear.ops import decode_attention  # noqa: E402
 from titan_linear.models.fused import fuse_projections, use_gemv  # noqa: E402
 from titan_linear.ops.efficient_attn import impl_name  # noqa: E402
 
@@ -196,6 +199,17 @@ def measure(model, context: int, decode_tokens: int, batch: int, device: torch.d
 COMPILE = {"off": None, "on": {}, "tuned": {"coordinate_descent_tuning": True}}
 
 
+def softmax_attention(layer_map: str, graph: bool, device: torch.device) -> str | None:
+    """What the softmax layers' attention over the cache ran as (row key "softmax_attention"):
+    "kernel" (ops/decode_attention.py), "products" (the masked two products) or "sdpa" (the
+    eager step); None without softmax layers."""
+    if "S" not in layer_map:
+        return None
+    if not graph:
+        return "sdpa"
+    return "kernel" if device.type in decode_attention.DEVICES else "products"
+
+
 def _positive(text: str) -> int:
     """argparse type of the sizes: an integer >= 1 (0 sequences or positions would fail deep inside)."""
     if not text.isdigit() or int(text) < 1:
@@ -274,7 +288,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                            "batch": batch, "device": device_name, "dtype": str(dtype).removeprefix("torch."),
                            "linear_attn_impl": impl_name(device, dtype, args.dim // args.n_heads),
                            "decode": "cuda graph" if graph else "eager", "compile": setting, "kv_splits": splits,
-                           "fused_projections": fused == "on", "gemv": gemv == "on"}
+                           "fused_projections": fused == "on", "gemv": gemv == "on",
+                           "softmax_attention": softmax_attention(args.layer_map, graph, device)}
                     try:
                         row.update(measure(model, context, a.decode_tokens, batch, device, a.seed, graph,
                                            COMPILE[setting], splits, a.profile_steps))

@@ -181,19 +181,30 @@ def tensor_parallel_degree(extra: str) -> int:
 def inference_section(name: str, rows: list[dict]) -> tuple[list[str], list[dict]]:
     # Rows written before batches, compile settings and KV splits existed are batch 1, uncompiled
     # and unsplit. A setting is what the step ran: eager, or the graph's compile setting and splits.
-    cells = latest(rows, "config", "ratio", "context", "batch", "compile", "decode", "kv_splits", "fused_projections")
-    def setting(comp, dec, k, fused) -> str:
-        fused = ", fused projections" if fused else ""
-        if dec == "eager":
-            return "eager" + fused
-        return (comp or "off") + (f", {k} kv splits" if (k or 1) > 1 else "") + fused
+    # Rows before the decode attention kernel ran the products (their kv_splits: blocks of the
+    # product with V); rows before the GEMV kernel ran cuBLAS.
+    cells = latest(rows, "config", "ratio", "context", "batch", "compile", "decode", "kv_splits", "fused_projections",
+                   "gemv", "softmax_attention")
 
-    cells = {(c, r, ctx, b or 1, setting(comp, dec, k, f)): row for (c, r, ctx, b, comp, dec, k, f), row in cells.items()}
+    def setting(comp, dec, k, fused, gemv, attn) -> str:
+        extra = (", fused projections" if fused else "") + (", GEMV kernel" if gemv else "")
+        if dec == "eager":
+            return "eager" + extra
+        if attn == "kernel":
+            extra = ", attention kernel" + (f" ({k} splits)" if k else "") + extra
+        elif (k or 1) > 1:
+            extra = f", {k} kv splits" + extra
+        return (comp or "off") + extra
+
+    cells = {(c, r, ctx, b or 1, setting(comp, dec, k, f, g, at)): row
+             for (c, r, ctx, b, comp, dec, k, f, g, at), row in cells.items()}
     configs = list(dict.fromkeys(k[0] for k in cells))
     settings = list(dict.fromkeys(k[4] for k in cells))
     out = [f"## Inference ({name}.json)", "", f"Device: {devices(rows)}. Compile: what the decode step's "
            "CUDA graph replays (off: the eager step's kernels; on: the torch.compile'd step; "
            "eager: no graph; N kv splits: the softmax layers' product with V in N blocks of positions; "
+           "attention kernel: the softmax layers' decode attention kernel (N splits: its blocks of positions, "
+           "else automatic); GEMV kernel: the Triton matrix-vector kernel; "
            "fused projections: q, k, v and w1, w3 each one product)."]
     decode, memory, batched, errors = [], [], [], []
     for config in configs:
