@@ -145,8 +145,9 @@ def launch_config(rows: int, n: int, k: int, sms: int = SMS_WITHOUT_GPU) -> Gemv
     the splits make 4 programs per SM, keeping slices of at least 256 columns (a smaller slice
     makes the partials' traffic and the reduction a larger share). At the 1B decode shapes, one
     row, 132 SMs: the output head and w1·w3 no split (8016 and 1024 tiles), q·k·v 4 (192 tiles,
-    slices of 512), wo 8 (128 tiles, slices of 256), w2 8 (128 tiles, slices of 1024). Not yet
-    timed: benchmarks/gemv.py times candidates.
+    slices of 512), wo 8 (128 tiles, slices of 256), w2 8 (128 tiles, slices of 1024). Timed per
+    shape against cuBLAS on an H100 (benchmarks/results/gemv_h100.json: slower except on the
+    output head); other candidates not timed: benchmarks/gemv.py --sweep times them.
     """
     dot = rows > 1
     block_n, block_k_max = (64, 128) if dot else (16, 512)
