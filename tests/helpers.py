@@ -1,6 +1,10 @@
 """Small builders shared by the tests."""
 
 import copy
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -44,3 +48,15 @@ def adamw_losses(model, ids: torch.Tensor, steps: int, lr: float = 3e-3) -> list
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def run_interpreted(code: str):
+    """Run `code` in a child Python with TRITON_INTERPRET=1 (the interpreter replaces
+    @triton.jit when triton is first imported, so it cannot be switched on in this process) and
+    return the JSON its last printed line holds. Importing torch and triton costs ~7 s, so a test
+    file runs all its cases in one child."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

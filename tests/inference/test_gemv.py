@@ -8,18 +8,13 @@ is checked there in fp32 and fp16; bf16 takes the elementwise path (1 row), and 
 checks bf16 on both.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from titan_linear.inference import decode_step, prefill, prepare_model
 from titan_linear.models.fused import fuse_projections, use_gemv
 from titan_linear.ops import gemv
-from tests.helpers import build, REPO
+from tests.helpers import build, run_interpreted
 from tests.models.test_linear_options import OPTIONS, tiny_args
 
 # (rows, N, K, dtype, override): one row with N past the last full tile; one row, bf16, K in 4
@@ -129,11 +124,7 @@ def interpreted() -> dict:
     code = ("import json, tests.inference.test_gemv as t\n"
             "print(json.dumps({'kernel': [t._kernel_errors(*c) for c in t.CASES], 'opcheck': t._opcheck(),\n"
             "                  'model': t._model_errors()}))")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(code)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the GPU tests run the compiled kernel")

@@ -4,15 +4,10 @@ as tests/inference/test_gemv.py does; the interpreter multiplies bf16 `tl.dot` o
 so fp32 and fp16 there) and on a GPU in bf16; and the compiled decode step that takes it.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import run_interpreted
 
 # (bs, n_kv, rows, d, capacity, pos, splits): grouped rows (4), one row, a group that is no
 # power of two (5) at head dim 64; splits automatic (0), one, and several that do not divide the
@@ -99,11 +94,7 @@ def interpreted() -> dict:
             "da.DEVICES = ('cuda', 'cpu')\n"
             "print(json.dumps({'kernel': {dt: [t._kernel_errors(*c, dt) for c in t.CASES] for dt in ('float32', 'float16')},\n"
             "                  'opcheck': t._opcheck(), 'step': t._compiled_step_error()}))")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(code)
 
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the GPU tests run the compiled kernel")

@@ -6,15 +6,10 @@ first imported, so each case runs in a child process with TRITON_INTERPRET=1: th
 code, executed in numpy, checked to fp32 accuracy.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import run_interpreted
 
 # (B, H, H_kv, T, D, key_scale): one chunk with padding; two chunks with grouped-query heads;
 # keys x100; T = 1; keys x1 then x100 from position 300 on (the fast kernels take the first
@@ -135,11 +130,7 @@ def _interpret(cases: list, **config) -> list[dict]:
             "from titan_linear.ops.efficient_attn.triton_tuning import override\n"
             f"with override(**{config!r}):\n"
             f"    print(json.dumps([{calls}]))")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(code)
 
 
 @pytest.fixture(scope="module")
