@@ -86,6 +86,15 @@ def _compiled_step_error() -> dict:
     return {"error": error, "frames": counter.frame_count}
 
 
+@pytest.mark.parametrize("bad", [-1, 2.0, True])
+def test_decode_attention_refuses_splits_that_are_not_integers_from_zero(bad):
+    from titan_linear.ops.decode_attention import decode_attention
+
+    q, k, v = _inputs(1, 2, 4, 16, 70, 50, torch.float32)
+    with pytest.raises(ValueError, match=f"kv splits = {bad!r} is not allowed: an integer >= 0"):
+        decode_attention(q, k, v, torch.tensor([50]), bad)
+
+
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
     pytest.importorskip("triton")

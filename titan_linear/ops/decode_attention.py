@@ -131,6 +131,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     Returns:
         (bs, n_kv, rows, d) in q's dtype.
     """
+    if not isinstance(splits, int) or isinstance(splits, bool) or splits < 0:
+        raise ValueError(f"kv splits = {splits!r} is not allowed: an integer >= 0 (0: automatic)")
     bs, n_kv, rows, d = q.shape
     splits = splits or auto_splits(bs, n_kv, q.device)
     capacity = k.shape[2]
