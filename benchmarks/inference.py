@@ -28,11 +28,11 @@ graph's step, titan_linear/ops/decode_attention.py; 0, the default, lets it choo
 softmax_attention (what that attention ran as: "kernel", "products" (the masked two products,
 the CPU path), "sdpa" (eager steps), null without softmax layers), prefill_ms,
 decode_ms_per_token (mean time per step: one token for each of the batch's sequences; the first
-replay of a newly captured graph, which also uploads it, is an untimed warm-up step), tokens_per_s (batch /
-seconds per step), kv_positions (KV positions each softmax layer reads at the last step: the
-bucket for a graph, the filled positions eagerly; 0 without softmax layers), capture_s
-(compiling and capturing; null when eager), cache_gib (caches as grown by the end: KV storage
-plus recurrent states), peak_prefill_gib / peak_decode_gib (CUDA max allocated during each
+replay of a newly captured graph, which also uploads it, is an untimed warm-up step),
+tokens_per_s (batch / seconds per step), kv_positions (KV positions each softmax layer reads at
+the last step: the bucket for a graph, the filled positions eagerly; 0 without softmax layers),
+capture_s (compiling and capturing; null when eager), cache_gib (caches as grown by the end: KV
+storage plus recurrent states), peak_prefill_gib / peak_decode_gib (CUDA max allocated during each
 phase, weights included; null on CPU), peak_gib (the larger), device, dtype,
 linear_attn_impl, decode ("cuda graph" or "eager").
 
@@ -199,15 +199,18 @@ def measure(model, context: int, decode_tokens: int, batch: int, device: torch.d
 COMPILE = {"off": None, "on": {}, "tuned": {"coordinate_descent_tuning": True}}
 
 
-def softmax_attention(layer_map: str, graph: bool, device: torch.device) -> str | None:
+def softmax_attention(layer_map: str, graph: bool, device: torch.device, dtype: torch.dtype,
+                      head_dim: int) -> str | None:
     """What the softmax layers' attention over the cache ran as (row key "softmax_attention"):
     "kernel" (ops/decode_attention.py), "products" (the masked two products) or "sdpa" (the
-    eager step); None without softmax layers."""
+    eager step); None without softmax layers. The graph's step asks `decode_attention.supports`
+    of its query and keys; so does this, of an empty query of the same kind."""
     if "S" not in layer_map:
         return None
     if not graph:
         return "sdpa"
-    return "kernel" if device.type in decode_attention.DEVICES else "products"
+    q = torch.empty(1, 1, 1, head_dim, dtype=dtype, device=device)
+    return "kernel" if decode_attention.supports(q, q) else "products"
 
 
 def _positive(text: str) -> int:
@@ -289,7 +292,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                            "linear_attn_impl": impl_name(device, dtype, args.dim // args.n_heads),
                            "decode": "cuda graph" if graph else "eager", "compile": setting, "kv_splits": splits,
                            "fused_projections": fused == "on", "gemv": gemv == "on",
-                           "softmax_attention": softmax_attention(args.layer_map, graph, device)}
+                           "softmax_attention": softmax_attention(args.layer_map, graph, device, dtype,
+                                                                  args.dim // args.n_heads)}
                     try:
                         row.update(measure(model, context, a.decode_tokens, batch, device, a.seed, graph,
                                            COMPILE[setting], splits, a.profile_steps))

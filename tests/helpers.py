@@ -50,6 +50,30 @@ def adamw_losses(model, ids: torch.Tensor, steps: int, lr: float = 3e-3) -> list
     return losses
 
 
+def decode_logits(model, tokens: torch.Tensor, steps: int, step=None, kv_splits: int = 0, after_prefill=None,
+                  **prefill_kwargs) -> torch.Tensor:
+    """(bs, 1 + steps, vocab) logits: the last position of a prefill of tokens[:, :3], then
+    `steps` decode steps fed tokens[:, 3:]. Eager `decode_step` by default; with `step` (one of
+    graph_decode.compiled_step's) the fixed-shape step, as GraphDecoder runs it. prefill_kwargs
+    go to `prefill` (max_len defaults to 3 + steps); `after_prefill()` runs between the two."""
+    from titan_linear.inference import decode_step, prefill
+
+    prefill_kwargs.setdefault("max_len", 3 + steps)
+    logits, caches = prefill(model, tokens[:, :3], **prefill_kwargs)
+    if after_prefill is not None:
+        after_prefill()
+    out = [logits[:, -1]]
+    with torch.no_grad():
+        for t in range(3, 3 + steps):
+            if step is None:
+                out.append(decode_step(model, tokens[:, t], caches))
+                continue
+            caches.reserve(t + 1)
+            out.append(step(model, tokens[:, t], caches, torch.tensor([t], device=tokens.device), kv_splits))
+            caches.length += 1
+    return torch.stack(out, 1)
+
+
 def run_interpreted(code: str):
     """Run `code` in a child Python with TRITON_INTERPRET=1 (the interpreter replaces
     @triton.jit when triton is first imported, so it cannot be switched on in this process) and

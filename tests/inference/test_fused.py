@@ -9,7 +9,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from titan_linear.inference import decode_step, prefill, prepare_model
 from titan_linear.inference.graph_decode import compiled_step
 from titan_linear.models.fused import fuse_projections, QKV, W13
-from tests.helpers import build
+from tests.helpers import build, decode_logits
 from tests.models.test_linear_options import OPTIONS, tiny_args
 
 CASES = {
@@ -19,13 +19,8 @@ CASES = {
 
 
 def _decode(model, tokens, steps=6, calls=None):
-    logits, caches = prefill(model, tokens[:, :3], max_len=3 + steps)
-    if calls is not None:
-        calls.clear()  # the prefill runs the model's own forward; count the decode steps only
-    out = [logits[:, -1]]
-    for t in range(3, 3 + steps):
-        out.append(decode_step(model, tokens[:, t], caches))
-    return torch.stack(out, 1)
+    # the prefill runs the model's own forward; count the decode steps only
+    return decode_logits(model, tokens, steps, after_prefill=None if calls is None else calls.clear)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -71,14 +66,7 @@ def test_compiled_step_takes_the_fused_products():
     ref = _decode(model, tokens)
     fuse_projections(model)
     step = compiled_step(backend=CompileCounterWithBackend("aot_eager"))
-    logits, caches = prefill(model, tokens[:, :3], max_len=9)
-    got = [logits[:, -1]]
-    with torch.no_grad():
-        for t in range(3, 9):
-            caches.reserve(t + 1)
-            got.append(step(model, tokens[:, t], caches, torch.tensor([t])))
-            caches.length += 1
-    torch.testing.assert_close(torch.stack(got, 1), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decode_logits(model, tokens, 6, step), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -11,10 +11,10 @@ checks bf16 on both.
 import pytest
 import torch
 
-from titan_linear.inference import decode_step, prefill, prepare_model
+from titan_linear.inference import prefill, prepare_model
 from titan_linear.models.fused import fuse_projections, use_gemv
 from titan_linear.ops import gemv
-from tests.helpers import build, run_interpreted
+from tests.helpers import build, decode_logits, run_interpreted
 from tests.models.test_linear_options import OPTIONS, tiny_args
 
 # (rows, N, K, dtype, override): one row with N past the last full tile; one row, bf16, K in 4
@@ -57,11 +57,6 @@ def _opcheck() -> list[dict]:
             for x, cfg in ((x1, gemv.GemvConfig(16, 64, 4)), (x3, gemv.GemvConfig(64, 64, 2, dot=True)))]
 
 
-def _decode(model, tokens, steps):
-    logits, caches = prefill(model, tokens[:, :3], max_len=3 + steps)
-    return torch.stack([logits[:, -1]] + [decode_step(model, tokens[:, t], caches) for t in range(3, 3 + steps)], 1)
-
-
 def _model_errors() -> dict:
     """A tiny hybrid model (linear, softmax, linear layers, every linear option) in fp16 on the
     CPU, the kernel allowed there: decode logits with use_gemv against without, at batch 1 (the
@@ -92,11 +87,11 @@ def _model_errors() -> dict:
         for fused in (False, True):
             fuse_projections(model, on=fused)
             calls.update({"kernel": 0, "F.linear": 0})
-            ref = _decode(use_gemv(model, on=False), tokens, 4)
+            ref = decode_logits(use_gemv(model, on=False), tokens, 4)
             products = dict(calls)
             use_gemv(model)
             calls.update({"kernel": 0, "F.linear": 0})
-            got = _decode(model, tokens, 4)
+            got = decode_logits(model, tokens, 4)
             with_gemv = dict(calls)
             calls.update({"kernel": 0, "F.linear": 0})
             prefill(model, tokens[:, :20], max_len=24)
@@ -105,15 +100,8 @@ def _model_errors() -> dict:
                                              "products": products, "with_gemv": with_gemv, "prefill": dict(calls)}
     # compiled: batch 2, fused, gemv on
     step = compiled_step(backend=CompileCounterWithBackend("aot_eager"))
-    ref = _decode(model, tokens, 4)
-    logits, caches = prefill(model, tokens[:, :3], max_len=7)
-    got = [logits[:, -1]]
-    with torch.no_grad():
-        for t in range(3, 7):
-            caches.reserve(t + 1)
-            got.append(step(model, tokens[:, t], caches, torch.tensor([t])))
-            caches.length += 1
-    got = torch.stack(got, 1)
+    ref = decode_logits(model, tokens, 4)
+    got = decode_logits(model, tokens, 4, step)
     out["compiled"] = {"error": ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()}
     return out
 
@@ -174,15 +162,15 @@ def test_use_gemv_falls_back_on_cpu_and_switches_back():
     model = prepare_model(build(tiny_args(**OPTIONS["all"]), seed=0), torch.float32, max_len=64)
     tokens = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
     names = set(model.state_dict())
-    ref = _decode(model, tokens, 5)
+    ref = decode_logits(model, tokens, 5)
     use_gemv(model)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert all(type(m) is gemv.GemvLinear for m in linears) and model.output in linears
     assert set(model.state_dict()) == names
     # CPU fp32: not a kernel input, so F.linear itself: the same logits bit for bit
-    assert torch.equal(_decode(model, tokens, 5), ref)
+    assert torch.equal(decode_logits(model, tokens, 5), ref)
     fuse_projections(model)
-    torch.testing.assert_close(_decode(model, tokens, 5), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decode_logits(model, tokens, 5), ref, rtol=1e-5, atol=1e-5)
     use_gemv(model, on=False)
     assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
 

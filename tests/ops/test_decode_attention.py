@@ -64,25 +64,18 @@ def _compiled_step_error() -> dict:
     buckets of 4, 8 and 16 positions."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from titan_linear.inference import decode_step, prefill, prepare_model
+    from titan_linear.inference import prepare_model
     from titan_linear.inference.graph_decode import compiled_step
-    from tests.helpers import build
+    from tests.helpers import build, decode_logits
     from tests.models.test_linear_options import tiny_args
 
     counter = CompileCounterWithBackend("aot_eager")
-    step = compiled_step(backend=counter)
     model = prepare_model(build(tiny_args(linear_attn_layers=(0,)), seed=0), torch.float32, max_len=32)
     tokens = torch.randint(0, 256, (2, 14), generator=torch.Generator().manual_seed(0))
-    _, eager = prefill(model, tokens[:, :3], max_len=16, min_bucket=4)
-    _, fixed = prefill(model, tokens[:, :3], max_len=16, min_bucket=4)
-    error = 0.0
-    with torch.no_grad():
-        for t in range(3, 14):
-            fixed.reserve(t + 1)
-            got = step(model, tokens[:, t], fixed, torch.tensor([t]), 3)
-            fixed.length += 1
-            ref = decode_step(model, tokens[:, t], eager)
-            error = max(error, ((got - ref).abs().max() / ref.abs().max()).item())
+    ref = decode_logits(model, tokens, 11, max_len=16, min_bucket=4)
+    got = decode_logits(model, tokens, 11, compiled_step(backend=counter), kv_splits=3, max_len=16, min_bucket=4)
+    # per step, relative to that step's largest logit
+    error = ((got - ref).abs().amax((0, 2)) / ref.abs().amax((0, 2))).max().item()
     return {"error": error, "frames": counter.frame_count}
 
 
@@ -91,7 +84,7 @@ def test_decode_attention_refuses_splits_that_are_not_integers_from_zero(bad):
     from titan_linear.ops.decode_attention import decode_attention
 
     q, k, v = _inputs(1, 2, 4, 16, 70, 50, torch.float32)
-    with pytest.raises(ValueError, match=f"kv splits = {bad!r} is not allowed: an integer >= 0"):
+    with pytest.raises(ValueError, match=f"kv_splits = {bad!r} is not allowed: an integer >= 0"):
         decode_attention(q, k, v, torch.tensor([50]), bad)
 
 

@@ -20,8 +20,8 @@ ways, with the same maths:
   GPU a kernel (ops/decode_attention.py) that reads the positions up to the token's, which it
   takes from the device, and no further; on the CPU two products with the positions past the
   token masked. The storage is the current bucket of the growing cache (cache.py), so the CPU
-  path reads at most about twice the text, not max_len. When the text passes the bucket, the storage moves: `GraphDecoder`
-  captures a new graph then, lazily, one per bucket. The compiled step takes the storage
+  path reads at most about twice the text, not max_len. When the text passes the bucket, the
+  storage moves: `GraphDecoder` captures a new graph then, lazily, one per bucket. The compiled step takes the storage
   length as its one dynamic size (`compiled_step`), so one compile serves every bucket;
 - linear layers write their new recurrent state (and short-convolution inputs) into the state
   tensors in place.
@@ -214,8 +214,7 @@ class GraphDecoder:
 
     def __init__(self, model: nn.Module, caches: Caches, compile: bool = True, compile_options: dict | None = None,
                  kv_splits: int = 0):
-        if not isinstance(kv_splits, int) or isinstance(kv_splits, bool) or kv_splits < 0:
-            raise ValueError(f"kv_splits = {kv_splits!r} is not allowed: an integer >= 0 (0: automatic)")
+        decode_attention.check_splits(kv_splits)
         missing = [n for n, c in caches.layers.items() if c is None]
         if missing:
             raise ValueError(f"GraphDecoder needs prefilled caches: layers {missing} have no state yet")

@@ -110,6 +110,12 @@ def auto_splits(bs: int, n_kv: int, device: torch.device) -> int:
     return max(1, -(-2 * sm_count(device) // (bs * n_kv)))
 
 
+def check_splits(splits) -> None:
+    """ValueError naming `kv_splits` unless it is an integer >= 0 (GraphDecoder checks it up front)."""
+    if not isinstance(splits, int) or isinstance(splits, bool) or splits < 0:
+        raise ValueError(f"kv_splits = {splits!r} is not allowed: an integer >= 0 (0: automatic)")
+
+
 def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether `decode_attention` runs here: a device in DEVICES, fp32 / fp16 / bf16, a power-of-two
     head dim of at least 16 (the tile's last dim), features contiguous."""
@@ -131,12 +137,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     Returns:
         (bs, n_kv, rows, d) in q's dtype.
     """
-    if not isinstance(splits, int) or isinstance(splits, bool) or splits < 0:
-        raise ValueError(f"kv splits = {splits!r} is not allowed: an integer >= 0 (0: automatic)")
+    check_splits(splits)
     bs, n_kv, rows, d = q.shape
     splits = splits or auto_splits(bs, n_kv, q.device)
     capacity = k.shape[2]
-    split_len = -(-(-(-capacity // splits)) // BLOCK) * BLOCK
+    split_len = triton.cdiv(triton.cdiv(capacity, splits), BLOCK) * BLOCK
     m, l, acc = decode_attention_splits(q, k, v, pos, splits, split_len)
     # splits past pos have m = -inf and weigh 0; split 0 always holds position 0
     w = torch.exp2(m - m.amax(1, keepdim=True))
